@@ -1,0 +1,18 @@
+"""Dagster layer: round assets, their checks, the round job. Thin over the core."""
+
+import dagster as dg
+
+from assets.checks import ROUND_CHECKS
+from assets.partitions import ROUNDS
+from assets.rounds import checkpoint, critiques, eval_scores, filtered, generations, prompts
+
+ROUND_ASSETS = [prompts, generations, critiques, filtered, checkpoint, eval_scores]
+
+round_job = dg.define_asset_job(
+    "round_job",
+    selection=dg.AssetSelection.assets(*ROUND_ASSETS),
+    partitions_def=ROUNDS,
+    description="One self-improvement round: generate -> critique -> filter -> train -> eval.",
+)
+
+__all__ = ["ROUNDS", "ROUND_ASSETS", "ROUND_CHECKS", "round_job"]

@@ -1,0 +1,282 @@
+"""The six assets of a self-improvement round (one partition per round).
+
+    prompts -> generations -> critiques -> filtered -> checkpoint -> eval_scores
+
+Each body loads its inputs from the round store, calls one core function
+(`selfimprove_dagster.star`, `.training`, `.evaluation`) and returns metadata.
+Round N's policy is round N−1's checkpoint (`RoundStore.policy_for`).
+"""
+
+import time
+
+import dagster as dg
+import polars as pl
+
+from assets.partitions import ROUNDS
+from resources import GeneratorResource, StorageResource, TaskResource, TrainerResource
+from selfimprove_dagster import star
+from selfimprove_dagster.evaluation import EvalResult, evaluate_policy, previous_accuracy
+from selfimprove_dagster.storage import RoundStore, round_index
+from selfimprove_dagster.training import train_lora_sft
+
+ROUND_KINDS = {"python", "parquet"}
+
+
+def _save(context: dg.AssetExecutionContext, store: RoundStore, table: str, frame: pl.DataFrame):
+    """Write the round's table atomically and make it queryable in the DuckDB catalog."""
+    path = store.write(context.partition_key, table, frame)
+    context.log.info(store.refresh_catalog())
+    return path
+
+
+def _preview(frame: pl.DataFrame, columns: list[str], rows: int = 5) -> dg.MetadataValue:
+    return dg.MetadataValue.md(frame.select(columns).head(rows).to_pandas().to_markdown())
+
+
+@dg.asset(partitions_def=ROUNDS, group_name="generate", kinds=ROUND_KINDS)
+def prompts(
+    context: dg.AssetExecutionContext, storage: StorageResource, task: TaskResource
+) -> dg.MaterializeResult:
+    """The round's problems: train prompts (sampled from) and held-out eval prompts
+    (scored only, never trained on).
+
+    Columns: round, prompt_id, prompt, answer, split (train/eval), task.
+    """
+    store, round_ = storage.store(), context.partition_key
+    problems = task.problems().select(pl.lit(round_).alias("round"), pl.all())
+    path = _save(context, store, "prompts", problems)
+    counts = dict(problems.group_by("split").len().iter_rows())
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": problems.height,
+            "train_prompts": counts.get("train", 0),
+            "eval_prompts": counts.get("eval", 0),
+            "task": task.dataset_path or task.task,
+            "path": str(path),
+            "preview": _preview(problems, ["prompt", "answer", "split"]),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=ROUNDS, group_name="generate", kinds=ROUND_KINDS | {"pytorch"}, deps=[prompts]
+)
+def generations(
+    context: dg.AssetExecutionContext, storage: StorageResource, generator: GeneratorResource
+) -> dg.MaterializeResult:
+    """k sampled completions per train prompt from the round's policy (round N−1's
+    checkpoint; the base model in round 0).
+
+    Columns: round, generation_id, prompt_id, sample_index, prompt, completion,
+    prompt_tokens, completion_tokens, finish_reason, policy, temperature, top_p, top_k,
+    max_new_tokens, seed.
+    """
+    store, round_ = storage.store(), context.partition_key
+    policy, parent = store.policy_for(round_, generator.base_model)
+    context.log.info(f"{round_}: policy {policy}")
+    engine = generator.load(policy, store.models_dir)
+    frame = star.sample_generations(
+        engine,
+        store.read(round_, "prompts"),
+        round_,
+        generator.samples_per_prompt,
+        generator.sampling(round_index(round_)),
+        log=context.log.info,
+    )
+    path = _save(context, store, "generations", frame)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": frame.height,
+            "policy_checkpoint": policy,
+            "parent_round": parent or "none (base model)",
+            "samples_per_prompt": generator.samples_per_prompt,
+            "temperature": generator.temperature,
+            "tokens_per_second": round(engine.last_stats.get("tokens_per_s", 0.0), 1),
+            "generation_seconds": round(engine.last_stats.get("seconds", 0.0), 1),
+            "mean_completion_tokens": float(frame["completion_tokens"].mean() or 0.0),
+            "hit_length_limit_rate": float((frame["finish_reason"] == "length").mean() or 0.0),
+            "path": str(path),
+            "preview": _preview(frame, ["prompt", "completion", "finish_reason"]),
+        }
+    )
+
+
+@dg.asset(partitions_def=ROUNDS, group_name="critique", kinds=ROUND_KINDS, deps=[generations])
+def critiques(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    """The verifier's verdict on every generation (answer extracted and checked
+    against the reference).
+
+    Columns: round, generation_id, prompt_id, critic, verdict (accept/reject), correct,
+    extracted_answer, reference_answer, reason (correct/wrong_answer/no_answer), score.
+    """
+    store, round_ = storage.store(), context.partition_key
+    frame = star.critique_generations(
+        store.read(round_, "generations"), store.read(round_, "prompts")
+    )
+    path = _save(context, store, "critiques", frame)
+    reasons = dict(frame.group_by("reason").len().iter_rows())
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": frame.height,
+            "accept_rate": float(frame["correct"].mean() or 0.0),
+            "no_answer_rate": reasons.get("no_answer", 0) / max(frame.height, 1),
+            "wrong_answer_rate": reasons.get("wrong_answer", 0) / max(frame.height, 1),
+            "path": str(path),
+        }
+    )
+
+
+@dg.asset(partitions_def=ROUNDS, group_name="filter", kinds=ROUND_KINDS, deps=[critiques])
+def filtered(
+    context: dg.AssetExecutionContext, storage: StorageResource, trainer: TrainerResource
+) -> dg.MaterializeResult:
+    """The training set of the round: accepted generations, deduplicated per prompt and
+    capped at `max_per_prompt` per prompt.
+
+    Columns: round, generation_id, prompt_id, prompt, completion, source.
+    """
+    store, round_ = storage.store(), context.partition_key
+    generated = store.read(round_, "generations")
+    frame = star.filter_accepted(generated, store.read(round_, "critiques"), trainer.max_per_prompt)
+    path = _save(context, store, "filtered", frame)
+    n_prompts = generated["prompt_id"].n_unique()
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": frame.height,
+            "kept_fraction": frame.height / max(generated.height, 1),
+            "prompts_covered": frame["prompt_id"].n_unique(),
+            "prompt_coverage": frame["prompt_id"].n_unique() / max(n_prompts, 1),
+            "max_per_prompt": trainer.max_per_prompt,
+            "content_hash": star.filtered_content_hash(frame),
+            "path": str(path),
+        }
+    )
+
+
+@dg.asset(partitions_def=ROUNDS, group_name="train", kinds={"pytorch", "python"}, deps=[filtered])
+def checkpoint(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    generator: GeneratorResource,
+    trainer: TrainerResource,
+) -> dg.MaterializeResult:
+    """The round's LoRA adapter trained on `filtered` (TRL SFT, completion-only loss),
+    with a manifest: base model, parent checkpoint, filtered-set hash, hyper-parameters,
+    seed, library versions, final loss and optimizer steps.
+
+    Table `checkpoints` (one row): round, path, trained_from, policy, content_hash,
+    train_examples, optimizer_steps, planned_steps, final_loss.
+    """
+    store, round_ = storage.store(), context.partition_key
+    policy, parent = store.policy_for(round_, generator.base_model)
+    trained_from = trainer.trained_from(policy, generator.base_model)
+    frame = store.read(round_, "filtered")
+    out_dir = store.checkpoint_dir(round_)
+    manifest = train_lora_sft(
+        trained_from,
+        star.training_examples(frame),
+        trainer.params(),
+        out_dir,
+        store.models_dir,
+        manifest_extra={
+            "round": round_,
+            "base_model": generator.base_model,
+            "policy": policy,
+            "parent_round": parent,
+            "init": trainer.init,
+            "filtered_content_hash": star.filtered_content_hash(frame),
+        },
+        log=context.log.info,
+    )
+    row = {
+        "round": round_,
+        "path": str(out_dir),
+        "trained_from": manifest["trained_from"],
+        "policy": policy,
+        "content_hash": manifest["filtered_content_hash"],
+        "train_examples": manifest["train_examples"],
+        "optimizer_steps": manifest["optimizer_steps"],
+        "planned_steps": manifest["planned_steps"],
+        "final_loss": manifest["final_loss"],
+    }
+    _save(context, store, "checkpoints", pl.DataFrame([row]))
+    return dg.MaterializeResult(
+        metadata={
+            "path": str(out_dir),
+            "trained_from": manifest["trained_from"],
+            "policy_checkpoint": policy,
+            "parent_round": parent or "none (base model)",
+            "train_examples": manifest["train_examples"],
+            "optimizer_steps": manifest["optimizer_steps"],
+            "planned_steps": manifest["planned_steps"],
+            "final_loss": manifest["final_loss"],
+            "train_seconds": manifest["train_seconds"],
+            "filtered_content_hash": manifest["filtered_content_hash"],
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=ROUNDS, group_name="evaluate", kinds=ROUND_KINDS | {"pytorch"}, deps=[checkpoint]
+)
+def eval_scores(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    generator: GeneratorResource,
+    task: TaskResource,
+) -> dg.MaterializeResult:
+    """Held-out scores of the round's checkpoint (greedy accuracy, pass@k), next to the
+    accuracy of the policy that generated this round (before -> after).
+
+    Columns (one row): round, checkpoint, policy, accuracy_before, accuracy_after,
+    pass_at_k, k, n_eval, eval_seconds. Per-prompt rows go to table `eval_details`.
+    """
+    store, round_ = storage.store(), context.partition_key
+    policy, parent = store.policy_for(round_, generator.base_model)
+    eval_set = star.eval_prompts(store.read(round_, "prompts"))
+    sampling = generator.sampling(round_index(round_))
+    started = time.monotonic()
+
+    def score(model_ref: str, k: int) -> EvalResult:
+        engine = generator.load(model_ref, store.models_dir)
+        try:
+            return evaluate_policy(
+                engine,
+                eval_set,
+                max_new_tokens=generator.max_new_tokens,
+                k=k,
+                sampling=sampling,
+                pass_at_k_prompts=task.pass_at_k_prompts,
+                log=context.log.info,
+            )
+        finally:
+            engine.close()
+
+    after = score(str(store.checkpoint_dir(round_)), task.eval_samples_per_prompt)
+    before = previous_accuracy(store, parent, eval_set)
+    if before is None:  # round 0, or the held-out set changed: measure the policy now
+        context.log.info(f"{round_}: scoring the policy {policy} on the held-out set")
+        before = score(policy, 0).accuracy
+    details = after.details.with_columns(round=pl.lit(round_))
+    row = {
+        "round": round_,
+        "checkpoint": str(store.checkpoint_dir(round_)),
+        "policy": policy,
+        "accuracy_before": before,
+        "accuracy_after": after.accuracy,
+        "pass_at_k": after.pass_at_k,
+        "k": after.k,
+        "n_eval": eval_set.height,
+        "eval_seconds": round(time.monotonic() - started, 1),
+    }
+    _save(context, store, "eval_details", details)
+    _save(context, store, "eval_scores", pl.DataFrame([row]))
+    context.log.info(f"{round_}: held-out accuracy {before:.1%} -> {after.accuracy:.1%}")
+    return dg.MaterializeResult(
+        metadata={
+            **{k: v for k, v in row.items() if v is not None and k != "round"},
+            "accuracy_delta": after.accuracy - before,
+            "policy_checkpoint": policy,
+            "parent_round": parent or "none (base model)",
+        }
+    )

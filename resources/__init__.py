@@ -1,0 +1,152 @@
+"""Dagster resources: the knobs of a round and the engines they build.
+
+Each resource is a thin `dg.ConfigurableResource` over the core library. Every field
+has a default and a description (shown in the Dagster UI). `from_env(cls)` builds a
+resource whose fields are overridden by `SELFIMPROVE_<FIELD>` environment variables,
+which is how the CLI, the Makefile and deployments pick a recipe without editing code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from selfimprove_dagster.engines import GenerationEngine, Sampling, make_engine
+from selfimprove_dagster.models import DEFAULT_MODEL
+from selfimprove_dagster.storage import RoundStore
+from selfimprove_dagster.training import TrainParams
+
+ENV_PREFIX = "SELFIMPROVE_"
+R = TypeVar("R", bound=dg.ConfigurableResource)
+
+
+def from_env(cls: type[R], **fixed: object) -> R:
+    """`cls(...)` with each field taken from `SELFIMPROVE_<FIELD>` when that is set."""
+    values: dict[str, object] = {}
+    for name in cls.model_fields:
+        raw = os.environ.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw  # pydantic coerces "3" -> 3, "0.8" -> 0.8, "true" -> True
+    values.update(fixed)
+    return cls(**values)
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Where rounds, checkpoints, converted models and the DuckDB catalog live."""
+
+    data_dir: str = Field(default="var", description="Data dir (relative to the working dir).")
+
+    def store(self) -> RoundStore:
+        return RoundStore(Path(self.data_dir).expanduser().resolve())
+
+
+class TaskResource(dg.ConfigurableResource):
+    """Which problems the loop trains on and how the held-out set is scored."""
+
+    task: str = Field(
+        default="addition_2digit",
+        description="Built-in task (addition_2digit, word_problems); ignored with dataset_path.",
+    )
+    dataset_path: str = Field(
+        default="",
+        description="A .jsonl/.parquet file with prompt+answer (or GSM8K's question+answer).",
+    )
+    n_train: int = Field(default=200, description="Train prompts sampled each round.")
+    n_eval: int = Field(default=200, description="Held-out prompts (never trained on).")
+    seed: int = Field(default=0, description="Seed of the problem draw and split.")
+    eval_samples_per_prompt: int = Field(
+        default=4, description="k for held-out pass@k (0 = greedy accuracy only)."
+    )
+    pass_at_k_prompts: int = Field(
+        default=100, description="Held-out prompts sampled k times for pass@k."
+    )
+
+    def problems(self) -> pl.DataFrame:
+        from selfimprove_dagster.tasks import load_dataset_file, make_task
+
+        if self.dataset_path:
+            return load_dataset_file(self.dataset_path, self.n_train, self.n_eval, self.seed)
+        return make_task(self.task, self.n_train, self.n_eval, self.seed)
+
+
+class GeneratorResource(dg.ConfigurableResource):
+    """The generation engine and how it samples (STaR: k samples per prompt)."""
+
+    engine: str = Field(default="transformers", description="Generation backend.")
+    base_model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Round 0 policy: embedded:<name>, a HF folder or a checkpoint folder.",
+    )
+    samples_per_prompt: int = Field(default=4, description="k samples per train prompt.")
+    temperature: float = Field(default=0.8, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(default=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(default=50, description="Sample among the top-k tokens (0 = off).")
+    max_new_tokens: int = Field(default=16, description="Completion budget in tokens.")
+    batch_size: int = Field(default=64, description="Rows per generate() batch.")
+    torch_threads: int = Field(
+        default=0, description="torch threads (0 = torch's default; 1 if cores are busy)."
+    )
+    seed: int = Field(default=0, description="Sampling seed (the round index is added).")
+
+    def sampling(self, round_index: int = 0) -> Sampling:
+        return Sampling(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed + round_index,  # fresh samples every round, reproducible
+        )
+
+    def load(self, model_ref: str, models_dir: Path) -> GenerationEngine:
+        return make_engine(
+            self.engine,
+            model_ref,
+            models_dir,
+            batch_size=self.batch_size,
+            torch_threads=self.torch_threads,
+        )
+
+
+class TrainerResource(dg.ConfigurableResource):
+    """How a round's filtered samples become its checkpoint (TRL SFT + PEFT LoRA)."""
+
+    init: str = Field(
+        default="continue",
+        description="continue: train on top of the round's policy; "
+        "restart: train the base model every round (ReST-EM).",
+    )
+    max_per_prompt: int = Field(default=2, description="Cap on kept samples per prompt.")
+    min_filtered: int = Field(
+        default=1, description="Fewest filtered rows a round may train on (gate)."
+    )
+    lora_r: int = Field(default=16, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, description="LoRA alpha.")
+    learning_rate: float = Field(default=3e-4, description="AdamW learning rate.")
+    epochs: int = Field(default=2, description="Epochs over the filtered set.")
+    batch_size: int = Field(default=16, description="Examples per optimizer step.")
+    seed: int = Field(default=0, description="Training seed.")
+
+    def params(self) -> TrainParams:
+        return TrainParams(
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            learning_rate=self.learning_rate,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+
+    def trained_from(self, policy: str, base_model: str) -> str:
+        """The model the round's adapter is trained on top of."""
+        from selfimprove_dagster.errors import SelfImproveError
+
+        if self.init == "continue":
+            return policy
+        if self.init == "restart":
+            return base_model
+        raise SelfImproveError(f"Unknown trainer init `{self.init}`", "use `continue` or `restart`")

@@ -1,0 +1,186 @@
+"""`selfimprove`: run rounds headless, show their status, start the UI.
+
+    selfimprove run --rounds 3      # materialize round_000..round_002 through Dagster
+    selfimprove status [--json]     # one line per round: kept, accuracy before -> after
+    selfimprove ui                  # dagster dev on 127.0.0.1 over the same instance
+
+Runs go through the persistent Dagster instance under `<data_dir>/dagster_home`, so
+rounds started here show in the UI afterwards. Recipe knobs are the resources' fields,
+set with `SELFIMPROVE_<FIELD>` environment variables (e.g. SELFIMPROVE_N_TRAIN=100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.storage import RoundStore, round_key
+
+STATUS_COLUMNS = ("round", "kept", "accuracy_before", "accuracy_after", "pass_at_k", "policy")
+
+
+def use_data_dir(data_dir: str) -> RoundStore:
+    """Point the resources and the Dagster instance at `data_dir`."""
+    store = RoundStore(Path(data_dir).expanduser().resolve())
+    dagster_home = store.data_dir / "dagster_home"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    os.environ["SELFIMPROVE_DATA_DIR"] = str(store.data_dir)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    return store
+
+
+def status_rows(store: RoundStore) -> list[dict]:
+    """Per completed round: kept samples, held-out accuracy before -> after, pass@k."""
+    rows = []
+    for key in store.completed_rounds():
+        scores = store.read(key, "eval_scores").row(0, named=True)
+        kept = store.read(key, "filtered").height if store.has(key, "filtered") else None
+        rows.append(
+            {
+                "round": key,
+                "kept": kept,
+                "accuracy_before": scores["accuracy_before"],
+                "accuracy_after": scores["accuracy_after"],
+                "pass_at_k": scores["pass_at_k"],
+                "k": scores["k"],
+                "policy": Path(scores["policy"]).name
+                if "/" in scores["policy"]
+                else scores["policy"],
+            }
+        )
+    return rows
+
+
+def format_status(rows: list[dict]) -> str:
+    if not rows:
+        return "No completed rounds yet. Run `selfimprove run --rounds 3`."
+
+    def percent(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    lines = [
+        f"{'round':<10} {'policy':<30} {'kept':>5} {'acc before':>10} {'acc after':>10} "
+        f"{'pass@k':>8}"
+    ]
+    for r in rows:
+        kept = "-" if r["kept"] is None else str(r["kept"])
+        lines.append(
+            f"{r['round']:<10} {r['policy'][:30]:<30} {kept:>5} "
+            f"{percent(r['accuracy_before']):>10} {percent(r['accuracy_after']):>10} "
+            f"{percent(r['pass_at_k']):>8}"
+        )
+    return "\n".join(lines)
+
+
+def run_rounds(store: RoundStore, rounds: int) -> int:
+    """Materialize round_000..round_{rounds-1} through the round job (skips done rounds)."""
+    import dagster as dg
+
+    from selfimprove_dagster.definitions import build_definitions
+
+    defs = build_definitions()
+    preflight(defs, store)
+    job = defs.resolve_job_def("round_job")
+    instance = dg.DagsterInstance.get()
+    done = set(store.completed_rounds())
+    for index in range(rounds):
+        key = round_key(index)
+        if key in done:
+            print(f"{key}: already complete, skipping")
+            continue
+        if not instance.has_dynamic_partition("rounds", key):
+            instance.add_dynamic_partitions("rounds", [key])
+        print(f"{key}: running (Dagster run log: `make ui`)", flush=True)
+        result = job.execute_in_process(
+            partition_key=key,
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        )
+        if not result.success:
+            print(f"{key} failed: {run_failure_message(result)}", file=sys.stderr)
+            return 1
+        print(format_status([r for r in status_rows(store) if r["round"] == key]), flush=True)
+    print("\nRounds so far:\n" + format_status(status_rows(store)))
+    return 0
+
+
+def preflight(defs, store: RoundStore) -> None:
+    """Fail before any run starts on a recipe that cannot work (bad dataset, unknown
+    model, engine or trainer setting): one message, nothing materialized."""
+    from selfimprove_dagster.engines import ENGINES
+    from selfimprove_dagster.models import validate_model_ref
+
+    resources = defs.resources
+    resources["task"].problems()
+    generator, trainer = resources["generator"], resources["trainer"]
+    validate_model_ref(generator.base_model, store.models_dir)
+    if generator.engine not in ENGINES:
+        raise SelfImproveError(
+            f"Unknown generation engine `{generator.engine}`", f"use one of: {', '.join(ENGINES)}"
+        )
+    trainer.trained_from(generator.base_model, generator.base_model)  # checks `init`
+
+
+def run_failure_message(result) -> str:
+    """The user-facing reason a round failed: a SelfImproveError or a failed gate."""
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            while error.cause is not None and "Fix:" not in error.message:
+                error = error.cause
+            return (
+                error.message.strip().splitlines()[-1]
+                if "Fix:" in error.message
+                else (error.to_string())
+            )
+    for evaluation in result.get_asset_check_evaluations():
+        if not evaluation.passed:
+            return f"gate {evaluation.check_name} failed: {evaluation.description}"
+    return "the run failed; see the Dagster run log (`make ui`)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="selfimprove", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data-dir", default=os.environ.get("SELFIMPROVE_DATA_DIR", "var"), help="data dir"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="materialize rounds through Dagster")
+    run.add_argument("--rounds", type=int, default=3, help="rounds to have completed")
+    status = commands.add_parser("status", help="one line per completed round")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    ui = commands.add_parser("ui", help="dagster dev on 127.0.0.1 over the same instance")
+    ui.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args(argv)
+
+    store = use_data_dir(args.data_dir)
+    try:
+        if args.command == "run":
+            return run_rounds(store, args.rounds)
+        if args.command == "status":
+            rows = status_rows(store)
+            print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+            return 0
+        if args.command == "ui":
+            workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
+            command = ["dagster", "dev", "-h", "127.0.0.1", "-p", str(args.port)]
+            command += (
+                ["-w", str(workspace)]
+                if workspace.is_file()
+                else ["-m", "selfimprove_dagster.definitions"]
+            )
+            return subprocess.call(command, cwd=workspace.parent if workspace.is_file() else None)
+    except SelfImproveError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

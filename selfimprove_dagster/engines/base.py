@@ -1,0 +1,53 @@
+"""The generation-engine contract every backend implements.
+
+`generate(prompts, n, sampling)` returns `len(prompts) * n` completions, one per
+(prompt, sample) pair, in prompt-major order, with token counts and finish reasons.
+Prompts are user messages: the engine applies the model's chat template.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from selfimprove_dagster.progress import LogFn
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample; temperature 0 means greedy decoding."""
+
+    temperature: float = 0.8  # softmax temperature; 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    top_k: int = 50  # sample among the k most likely tokens (0 = off)
+    max_new_tokens: int = 32  # completion budget in tokens
+    seed: int = 0  # same seed + same inputs = same samples
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_index: int  # position of the prompt in the `prompts` list
+    sample_index: int  # 0..n-1
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-turn token) or "length" (hit max_new_tokens)
+
+
+class GenerationEngine(ABC):
+    """A loaded policy that samples completions for chat prompts."""
+
+    model_ref: str
+
+    @abstractmethod
+    def generate(
+        self, prompts: list[str], n: int, sampling: Sampling, log: LogFn | None = None
+    ) -> list[Completion]:
+        """`n` completions per prompt, prompt-major: index = prompt_index * n + sample_index."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release the model (engines that hold a GPU or a server override this)."""

@@ -1,0 +1,86 @@
+"""Held-out evaluation of a policy: greedy accuracy and pass@k.
+
+Greedy accuracy runs on every held-out prompt; pass@k samples k completions on the
+first `pass_at_k_prompts` held-out prompts (sampling is the expensive part on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from selfimprove_dagster.engines.base import GenerationEngine, Sampling
+from selfimprove_dagster.metrics import mean, pass_at_k
+from selfimprove_dagster.progress import LogFn
+from selfimprove_dagster.storage import RoundStore
+from selfimprove_dagster.verify import verify
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float  # greedy accuracy over all held-out prompts
+    pass_at_k: float | None  # mean unbiased pass@k over the sampled prompts
+    k: int
+    details: pl.DataFrame  # one row per held-out prompt
+
+
+def evaluate_policy(
+    engine: GenerationEngine,
+    eval_set: pl.DataFrame,
+    max_new_tokens: int,
+    k: int,
+    sampling: Sampling,
+    pass_at_k_prompts: int,
+    log: LogFn | None = None,
+) -> EvalResult:
+    """Score `engine`'s policy on the held-out prompts (`prompt_id`, `prompt`, `answer`)."""
+    prompts, answers = eval_set["prompt"].to_list(), eval_set["answer"].to_list()
+    greedy = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, seed=sampling.seed)
+    greedy_out = engine.generate(prompts, 1, greedy, log=log)
+    greedy_verdicts = [verify(c.text, a) for c, a in zip(greedy_out, answers, strict=True)]
+
+    n_sampled = min(pass_at_k_prompts, len(prompts)) if k > 0 else 0
+    correct_counts: list[int | None] = [None] * len(prompts)
+    if n_sampled:
+        sampled = engine.generate(prompts[:n_sampled], k, sampling, log=log)
+        for c in sampled:
+            ok = verify(c.text, answers[c.prompt_index]).correct
+            correct_counts[c.prompt_index] = (correct_counts[c.prompt_index] or 0) + int(ok)
+
+    details = pl.DataFrame(
+        {
+            "prompt_id": eval_set["prompt_id"],
+            "greedy_completion": [c.text for c in greedy_out],
+            "greedy_answer": [v.extracted for v in greedy_verdicts],
+            "greedy_correct": [v.correct for v in greedy_verdicts],
+            "samples": [k if n is not None else None for n in correct_counts],
+            "samples_correct": correct_counts,
+            "pass_at_k": [pass_at_k(k, n, k) if n is not None else None for n in correct_counts],
+        },
+        schema_overrides={
+            "greedy_answer": pl.String,
+            "samples": pl.Int64,
+            "samples_correct": pl.Int64,
+            "pass_at_k": pl.Float64,
+        },
+    )
+    sampled_scores = [s for s in details["pass_at_k"].to_list() if s is not None]
+    return EvalResult(
+        accuracy=mean([float(v.correct) for v in greedy_verdicts]),
+        pass_at_k=mean(sampled_scores) if sampled_scores else None,
+        k=k,
+        details=details,
+    )
+
+
+def previous_accuracy(
+    store: RoundStore, parent: str | None, eval_set: pl.DataFrame
+) -> float | None:
+    """Round N−1's checkpoint accuracy (the policy of round N), if it scored this eval set."""
+    if parent is None or not store.has(parent, "eval_details"):
+        return None
+    previous = store.read(parent, "eval_details")
+    if sorted(previous["prompt_id"]) != sorted(eval_set["prompt_id"]):
+        return None
+    return float(previous["greedy_correct"].mean())

@@ -1,0 +1,362 @@
+"""Where prompts and reference answers come from: built-in tasks and dataset files.
+
+Every source yields a *problem table*, a polars DataFrame with the columns of
+`PROBLEM_SCHEMA`:
+
+- `prompt_id`: stable hash of the prompt (`ids.prompt_id`), the lineage join key
+- `prompt`:    the question given to the model
+- `answer`:    canonical numeric string (`verify.normalize_number`)
+- `split`:     "train" (the model practises on it) or "eval" (held out, scored only)
+- `task`:      the task name, or the dataset file's stem
+
+Train and eval never share a prompt (compared lowercased and whitespace-collapsed),
+so held-out accuracy is not inflated by training on the test questions.
+
+    make_task("addition_2digit", n_train=200, n_eval=200, seed=0)
+    load_dataset_file("my_problems.jsonl", n_train=None, n_eval=100, seed=0)
+    load_gsm8k("../shared/data/gsm8k/test.jsonl")
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import polars as pl
+
+from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.ids import prompt_id
+from selfimprove_dagster.verify import normalize_number
+
+PROBLEM_SCHEMA: dict[str, pl.DataType] = {
+    "prompt_id": pl.String(),
+    "prompt": pl.String(),
+    "answer": pl.String(),
+    "split": pl.String(),
+    "task": pl.String(),
+}
+
+# Appended to built-in prompts: the small model then tends to reply with a bare number.
+ANSWER_INSTRUCTION = " Answer with just the number."
+
+# A generator gets this many draws per problem requested (plus a floor) before
+# `make_task` concludes the task has too few distinct problems.
+DRAWS_PER_PROBLEM = 50
+MIN_DRAWS = 1000
+
+# Split labels accepted in a dataset file's `split` column, mapped to ours.
+SPLIT_ALIASES = {
+    "train": "train",
+    "eval": "eval",
+    "test": "eval",
+    "validation": "eval",
+    "valid": "eval",
+    "val": "eval",
+    "dev": "eval",
+}
+
+SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
+
+
+# --- built-in task generators ----------------------------------------------------
+
+
+def addition_2digit(rng: random.Random) -> tuple[str, str]:
+    """ "What is A + B?" with A, B uniform in 10..99 (8,100 distinct problems)."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} + {b}?{ANSWER_INSTRUCTION}", str(a + b)
+
+
+_NAMES = ("Sam", "Mia", "Leo", "Ava", "Ben", "Zoe", "Max", "Lily", "Omar", "Nina")
+_OBJECTS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "balloons")
+_ADD_TEMPLATES = (
+    "{name} has {a} {obj} and buys {b} more. How many {obj} does {name} have now?",
+    "{name} had {a} {obj}. Then {name} found {b} more. How many {obj} does {name} have in total?",
+    "There are {a} {obj} in a box. {name} puts in {b} more. How many {obj} are in the box now?",
+)
+_SUBTRACT_TEMPLATES = (
+    "{name} has {a} {obj} and gives away {b}. How many {obj} does {name} have left?",
+    "{name} had {a} {obj} and lost {b} of them. How many {obj} does {name} have now?",
+    "There are {a} {obj} in a basket. {name} takes out {b}. How many {obj} are left?",
+)
+
+
+def word_problems(rng: random.Random) -> tuple[str, str]:
+    """One-step add/subtract story problems, operands 2..50, never a negative answer."""
+    subtract = rng.random() < 0.5
+    template = rng.choice(_SUBTRACT_TEMPLATES if subtract else _ADD_TEMPLATES)
+    name, obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
+    a, b = rng.randint(2, 50), rng.randint(2, 50)
+    if subtract:
+        a, b = max(a, b), min(a, b)  # take away at most what is there
+    answer = a - b if subtract else a + b
+    prompt = template.format(name=name, obj=obj, a=a, b=b) + ANSWER_INSTRUCTION
+    return prompt, str(answer)
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "addition_2digit": addition_2digit,
+    "word_problems": word_problems,
+}
+
+
+def make_task(name: str, n_train: int, n_eval: int, seed: int) -> pl.DataFrame:
+    """`n_train` + `n_eval` distinct problems from the built-in task `name`.
+
+    Eval problems are drawn first, so the held-out set depends only on (seed, n_eval):
+    changing `n_train` never changes what the model is scored on.
+    """
+    if name not in TASKS:
+        raise SelfImproveError(
+            f"unknown task {name!r}",
+            f"use one of {', '.join(sorted(TASKS))}, or load a dataset file",
+        )
+    _check_count("n_train", n_train)
+    _check_count("n_eval", n_eval)
+    generator, rng = TASKS[name], random.Random(seed)
+    wanted, max_draws = n_train + n_eval, DRAWS_PER_PROBLEM * (n_train + n_eval) + MIN_DRAWS
+    problems: dict[str, tuple[str, str]] = {}  # normalized prompt -> (prompt, answer)
+    for _ in range(max_draws):
+        if len(problems) == wanted:
+            break
+        prompt, answer = generator(rng)
+        problems.setdefault(_prompt_key(prompt), (prompt, answer))
+    if len(problems) < wanted:
+        raise SelfImproveError(
+            f"task {name!r} gave only {len(problems)} distinct problems in {max_draws} draws, "
+            f"{wanted} were requested (n_train={n_train}, n_eval={n_eval})",
+            "ask for fewer problems (smaller n_train / n_eval)",
+        )
+    drawn = list(problems.values())
+    eval_, train = drawn[:n_eval], drawn[n_eval:]
+    return _problem_table(
+        [(p, a, "train") for p, a in train] + [(p, a, "eval") for p, a in eval_], task=name
+    )
+
+
+# --- dataset files -----------------------------------------------------------------
+
+
+def load_dataset_file(
+    path: str | Path,
+    n_train: int | None,
+    n_eval: int | None,
+    seed: int,
+    eval_fraction: float = 0.5,
+    *,
+    task: str | None = None,
+) -> pl.DataFrame:
+    """A problem table from a user's `.jsonl` or `.parquet` file.
+
+    Columns: `prompt` and `answer` (a number, or a string holding one), or GSM8K's
+    `question` and `answer` ending in "#### N". A `split` column (train / eval, or
+    test / validation for eval) is used as is, in file order; without one the rows
+    are shuffled with `seed` and `eval_fraction` of them become eval. Duplicate
+    prompts are dropped (the first wins; a prompt in both splits stays in eval only),
+    then the first `n_train` / `n_eval` of each split are kept (None keeps all).
+    `task` names the rows (default: the file's stem).
+    """
+    path = Path(path)
+    _check_optional_count("n_train", n_train)
+    _check_optional_count("n_eval", n_eval)
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise SelfImproveError(
+            f"eval_fraction={eval_fraction} is outside 0..1", "pass a fraction such as 0.5"
+        )
+    records = _read_records(path)
+    prompt_column = _prompt_column(path, records)
+    rows = [_parse_record(path, i, r, prompt_column) for i, r in enumerate(records, start=1)]
+    if "split" in _columns(records):
+        train, eval_ = _split_by_column(path, records, rows)
+    else:
+        train, eval_ = _split_by_fraction(_dedupe(rows), seed, eval_fraction)
+    train, eval_ = _dedupe(train), _dedupe(eval_)
+    eval_keys = {_prompt_key(p) for p, _ in eval_}
+    train = [(p, a) for p, a in train if _prompt_key(p) not in eval_keys]
+    train = _take(path, "n_train", "train", train, n_train)
+    eval_ = _take(path, "n_eval", "eval", eval_, n_eval)
+    return _problem_table(
+        [(p, a, "train") for p, a in train] + [(p, a, "eval") for p, a in eval_],
+        task=task or path.stem,
+    )
+
+
+def load_gsm8k(
+    path: str | Path, n_train: int | None = None, n_eval: int | None = None, seed: int = 0
+) -> pl.DataFrame:
+    """GSM8K's `train.jsonl` / `test.jsonl`: test rows become eval, any other file train."""
+    path = Path(path)
+    eval_fraction = 1.0 if path.stem.lower() == "test" else 0.0
+    return load_dataset_file(path, n_train, n_eval, seed, eval_fraction, task="gsm8k")
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _prompt_key(prompt: str) -> str:
+    # Two prompts differing only in case or spacing are the same question.
+    return " ".join(prompt.lower().split())
+
+
+def _problem_table(rows: list[tuple[str, str, str]], task: str) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "prompt_id": [prompt_id(p) for p, _, _ in rows],
+            "prompt": [p for p, _, _ in rows],
+            "answer": [a for _, a, _ in rows],
+            "split": [s for _, _, s in rows],
+            "task": [task] * len(rows),
+        },
+        schema=PROBLEM_SCHEMA,
+    )
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SelfImproveError(f"{name}={value!r} is not a count", f"pass {name} as an int >= 0")
+
+
+def _check_optional_count(name: str, value: int | None) -> None:
+    if value is not None:
+        _check_count(name, value)
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SelfImproveError(
+            f"dataset file {path} does not exist",
+            "check the path (relative paths resolve from the working directory)",
+        )
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise SelfImproveError(
+            f"dataset file {path} has unsupported extension {suffix or '(none)'!r}",
+            f"save it as {' or '.join(SUPPORTED_SUFFIXES)}",
+        )
+    records = _read_jsonl(path) if suffix == ".jsonl" else pl.read_parquet(path).to_dicts()
+    if not records:
+        raise SelfImproveError(
+            f"dataset file {path} is empty", "add rows with a prompt and a numeric answer"
+        )
+    return records
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    # Read line by line rather than with polars: answers may mix numbers and strings,
+    # and a broken line should be reported by its line number.
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SelfImproveError(
+                    f"line {line_number} of {path} is not valid JSON ({err.msg})",
+                    "write one JSON object per line",
+                ) from err
+            if not isinstance(record, dict):
+                raise SelfImproveError(
+                    f"line {line_number} of {path} is not a JSON object",
+                    'write one object per line, e.g. {"prompt": "...", "answer": 42}',
+                )
+            records.append(record)
+    return records
+
+
+def _columns(records: Iterable[dict]) -> set[str]:
+    return {key for record in records for key in record}
+
+
+def _prompt_column(path: Path, records: list[dict]) -> str:
+    """ "prompt" for the plain format, "question" for GSM8K; else a missing-column error."""
+    found = _columns(records)
+    if {"prompt", "answer"} <= found:
+        return "prompt"
+    if {"question", "answer"} <= found:
+        return "question"
+    # Report what is missing from the format the file seems closest to.
+    closest = ("question", "answer") if "question" in found else ("prompt", "answer")
+    missing = [c for c in closest if c not in found]
+    raise SelfImproveError(
+        f"dataset file {path} is missing column(s) {_names(missing)} "
+        f"(found {_names(sorted(found))}); expected `prompt` and `answer`, "
+        "or GSM8K's `question` and `answer` with '#### N'",
+        "rename the columns or add the missing ones",
+    )
+
+
+def _names(columns: Iterable[str]) -> str:
+    return ", ".join(f"`{c}`" for c in columns) or "none"
+
+
+def _parse_record(path: Path, row: int, record: dict, prompt_column: str) -> tuple[str, str]:
+    prompt = record.get(prompt_column)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SelfImproveError(
+            f"row {row} of {path} has no `{prompt_column}` text (got {prompt!r})",
+            f"give every row a non-empty `{prompt_column}` string",
+        )
+    answer = _parse_answer(record.get("answer"))
+    if answer is None:
+        raise SelfImproveError(
+            f"row {row} of {path} has an answer that is not a number: {record.get('answer')!r}",
+            "make `answer` a number (e.g. 42, '1,234', '3.5') or end it with '#### N'",
+        )
+    return prompt.strip(), answer
+
+
+def _parse_answer(value: object) -> str | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return normalize_number(value)
+    if not isinstance(value, str):
+        return None
+    # GSM8K solutions put the final number after "####"; the reasoning before it is ignored.
+    return normalize_number(value.rsplit("####", 1)[-1])
+
+
+def _split_by_column(
+    path: Path, records: list[dict], rows: list[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    train, eval_ = [], []
+    for row, (record, problem) in enumerate(zip(records, rows, strict=True), start=1):
+        label = str(record.get("split", "")).strip().lower()
+        if label not in SPLIT_ALIASES:
+            raise SelfImproveError(
+                f"row {row} of {path} has split {record.get('split')!r}",
+                f"use one of {', '.join(SPLIT_ALIASES)} (or drop the `split` column)",
+            )
+        (train if SPLIT_ALIASES[label] == "train" else eval_).append(problem)
+    return train, eval_
+
+
+def _split_by_fraction(
+    rows: list[tuple[str, str]], seed: int, eval_fraction: float
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    n_eval = round(len(shuffled) * eval_fraction)
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def _dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen: dict[str, tuple[str, str]] = {}
+    for prompt, answer in rows:
+        seen.setdefault(_prompt_key(prompt), (prompt, answer))
+    return list(seen.values())
+
+
+def _take(
+    path: Path, knob: str, split: str, rows: list[tuple[str, str]], n: int | None
+) -> list[tuple[str, str]]:
+    if n is None:
+        return rows
+    if n > len(rows):
+        raise SelfImproveError(
+            f"{knob}={n} but {path} has only {len(rows)} distinct {split} problems",
+            f"lower {knob} to at most {len(rows)}, or pass None to use them all",
+        )
+    return rows[:n]

@@ -1,0 +1,170 @@
+"""Fine-tuning a round's policy on its filtered samples: TRL SFT + PEFT LoRA on CPU.
+
+The dataset is conversational prompt-completion (user prompt, assistant completion),
+for which TRL computes the loss on the completion tokens only. The adapter, the
+tokenizer and a manifest (what was trained on what, with which settings) are written
+to a temporary folder and renamed into place, so a failed run leaves no checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.models import CHECKPOINT_MANIFEST, load_model, load_tokenizer
+from selfimprove_dagster.progress import LogFn, Progress
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """LoRA SFT hyper-parameters (defaults: the recipe measured in DESIGN.md)."""
+
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    learning_rate: float = 3e-4  # AdamW peak learning rate
+    epochs: int = 2  # passes over the filtered set
+    batch_size: int = 16  # examples per optimizer step (no accumulation)
+    max_length: int = 512  # truncate longer prompt+completion sequences
+    seed: int = 0  # data order and LoRA init
+
+    def planned_steps(self, n_examples: int) -> int:
+        return math.ceil(n_examples / self.batch_size) * self.epochs
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "selfimprove-dagster"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def portable_ref(ref: str, out_dir: Path) -> str:
+    """Store a sibling checkpoint as `../round_N`, so the data dir can be moved."""
+    path = Path(ref)
+    if path.is_absolute() and path.parent == out_dir.resolve().parent:
+        return f"../{path.name}"
+    return ref
+
+
+def sft_dataset(examples: list[dict[str, str]]):
+    """Conversational prompt-completion rows -> a `datasets.Dataset`."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()  # tokenizing a few hundred rows takes < 1 s; keep the log clean
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": e["prompt"]}],
+                "completion": [{"role": "assistant", "content": e["completion"]}],
+            }
+            for e in examples
+        ]
+    )
+
+
+def _progress_callback(progress: Progress):
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            progress.update(1)
+
+    return ProgressCallback()
+
+
+def train_lora_sft(
+    trained_from: str,
+    examples: list[dict[str, str]],
+    params: TrainParams,
+    out_dir: Path,
+    models_dir: Path,
+    manifest_extra: dict[str, Any] | None = None,
+    log: LogFn | None = None,
+) -> dict[str, Any]:
+    """Train a LoRA adapter on `examples` (dicts with `prompt` and `completion`).
+
+    `trained_from` is the model reference the adapter sits on; the checkpoint loads as
+    that model with the adapter merged. Returns the manifest written next to the adapter.
+    """
+    if not examples:
+        raise SelfImproveError(
+            "Cannot train on an empty filtered set",
+            "sample more (samples_per_prompt, temperature) or use more prompts",
+        )
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    config = SFTConfig(
+        output_dir=str(tmp / "trainer"),
+        num_train_epochs=params.epochs,
+        per_device_train_batch_size=params.batch_size,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_length=params.max_length,
+        seed=params.seed,
+        bf16=False,  # no fast bf16 on this CPU (TRL defaults it on)
+        gradient_checkpointing=False,  # TRL's default; it only costs time on a 135M model
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,  # our Progress shows the bar and writes the run-log lines
+    )
+    lora = LoraConfig(
+        r=params.lora_r,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    tokenizer = load_tokenizer(trained_from, models_dir)
+    model = load_model(trained_from, models_dir)
+    planned = params.planned_steps(len(examples))
+    started = time.monotonic()
+    with Progress("train", planned, log=log, unit="steps", log_every_s=15.0) as progress:
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=sft_dataset(examples),
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[_progress_callback(progress)],
+        )
+        result = trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    trainer.model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    manifest = {
+        "trained_from": portable_ref(trained_from, out_dir),
+        "train_examples": len(examples),
+        "hyper_parameters": asdict(params),
+        "planned_steps": planned,
+        "optimizer_steps": int(trainer.state.global_step),
+        "final_loss": losses[-1] if losses else None,
+        "mean_loss": float(result.training_loss),
+        "train_seconds": round(time.monotonic() - started, 2),
+        "library_versions": library_versions(),
+        **(manifest_extra or {}),
+    }
+    (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return manifest

@@ -1,0 +1,82 @@
+"""Fixtures: the embedded model converted once per session, a tiny random model with
+the same tokenizer, a scripted (fake) engine for asset plumbing tests, problem tables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
+from selfimprove_dagster.tasks import make_task
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """Converted models shared by the session (the embedded conversion runs once)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def embedded_folder(models_dir) -> Path:
+    from selfimprove_dagster.models import embedded_model_folder
+
+    return embedded_model_folder("smollm2-135m-instruct", models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(embedded_folder, tmp_path_factory) -> str:
+    """A 2-layer random Llama with the real tokenizer and chat template (~3 M params)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_folder))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+class ScriptedEngine(GenerationEngine):
+    """Test-only engine: answers "What is A + B?" right for sample 0 of every other
+    prompt and wrong otherwise, so filtering and training see a known mix."""
+
+    def __init__(self, model_ref: str) -> None:
+        self.model_ref = model_ref
+        self.last_stats = {"rows": 0, "new_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}
+
+    def generate(
+        self, prompts: list[str], n: int, sampling: Sampling, log=None
+    ) -> list[Completion]:
+        out = []
+        for i, prompt in enumerate(prompts):
+            a, b = map(int, re.findall(r"\d+", prompt)[:2])
+            for s in range(n):
+                right = s == 0 and i % 2 == 0
+                text = f"{a} + {b} = {a + b if right else a + b + 1}"
+                out.append(Completion(i, s, text, 10, 8, "stop"))
+        return out
+
+
+@pytest.fixture
+def problems() -> pl.DataFrame:
+    return make_task("addition_2digit", n_train=8, n_eval=6, seed=0)

@@ -1,0 +1,155 @@
+"""The round assets through Dagster: a scripted engine (test-only fake) stands in for
+generation so the plumbing runs in seconds; training is real LoRA on a tiny model."""
+
+from __future__ import annotations
+
+import dagster as dg
+import duckdb
+import pytest
+
+from assets import ROUND_ASSETS, ROUND_CHECKS
+from assets.rounds import critiques
+from resources import GeneratorResource, StorageResource, TaskResource, TrainerResource
+from selfimprove_dagster.storage import RoundStore
+from tests.conftest import ScriptedEngine
+
+
+class ScriptedGenerator(GeneratorResource):
+    wrong_always: bool = False
+
+    def load(self, model_ref, models_dir):
+        engine = ScriptedEngine(model_ref)
+        if self.wrong_always:
+            generate = engine.generate
+
+            def always_wrong(prompts, n, sampling, log=None):
+                return [
+                    c.__class__(**{**c.__dict__, "text": "no idea"})
+                    for c in generate(prompts, n, sampling)
+                ]
+
+            engine.generate = always_wrong
+        return engine
+
+
+def _resources(data_dir, tiny_model, **generator):
+    return {
+        "storage": StorageResource(data_dir=str(data_dir)),
+        "task": TaskResource(n_train=8, n_eval=6, eval_samples_per_prompt=2, pass_at_k_prompts=4),
+        "generator": ScriptedGenerator(base_model=tiny_model, samples_per_prompt=2, **generator),
+        "trainer": TrainerResource(epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
+    }
+
+
+def _materialize(key, resources, instance):
+    if not instance.has_dynamic_partition("rounds", key):
+        instance.add_dynamic_partitions("rounds", [key])
+    return dg.materialize(
+        [*ROUND_ASSETS, *ROUND_CHECKS],
+        partition_key=key,
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tiny_model, models_dir, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("var")
+    (data_dir / "models").symlink_to(models_dir)
+    instance = dg.DagsterInstance.ephemeral()
+    resources = _resources(data_dir, tiny_model)
+    results = [_materialize(k, resources, instance) for k in ("round_000", "round_001")]
+    return RoundStore(data_dir), results, instance
+
+
+def test_two_rounds_materialize_every_asset(two_rounds):
+    store, results, _ = two_rounds
+    assert all(r.success for r in results)
+    for key in ("round_000", "round_001"):
+        for table in (
+            "prompts",
+            "generations",
+            "critiques",
+            "filtered",
+            "checkpoints",
+            "eval_scores",
+        ):
+            assert store.has(key, table), (key, table)
+        assert store.has_checkpoint(key)
+
+
+def test_round_metadata_records_policy_and_rates(two_rounds):
+    store, results, _ = two_rounds
+    generations = results[1].asset_materializations_for_node("generations")[0].metadata
+    assert generations["policy_checkpoint"].value == str(
+        store.checkpoint_dir("round_000").resolve()
+    )
+    assert generations["parent_round"].value == "round_000"
+    assert generations["dagster/row_count"].value == 16  # 8 train prompts x 2 samples
+    filtered = results[0].asset_materializations_for_node("filtered")[0].metadata
+    assert filtered["dagster/row_count"].value == 4  # sample 0 of every other prompt
+    scores = results[1].asset_materializations_for_node("eval_scores")[0].metadata
+    assert scores["accuracy_after"].value == pytest.approx(0.5)  # the scripted engine's rate
+    assert scores["accuracy_before"].value == pytest.approx(0.5)  # read from round_000
+
+
+def test_round_one_trains_on_top_of_round_zero(two_rounds):
+    store, _, _ = two_rounds
+    manifest = store.read("round_001", "checkpoints").row(0, named=True)
+    assert manifest["trained_from"] == "../round_000"
+    assert manifest["optimizer_steps"] == manifest["planned_steps"] == 1
+
+
+def test_catalog_answers_lineage_of_a_filtered_row(two_rounds):
+    store, _, _ = two_rounds
+    with duckdb.connect(str(store.catalog_path), read_only=True) as con:
+        row = con.execute(
+            """
+            SELECT f.generation_id, g.policy, g.temperature, p.prompt, c.path
+            FROM filtered f
+            JOIN generations g USING (generation_id)
+            JOIN prompts p ON p.prompt_id = f.prompt_id AND p.round = f.round
+            JOIN checkpoints c ON c.round = f.round
+            WHERE f.round = 'round_001'
+            LIMIT 1
+            """
+        ).fetchone()
+    generation_id, policy, temperature, prompt, trained_checkpoint = row
+    assert policy.endswith("checkpoints/round_000")
+    assert prompt.startswith("What is")
+    assert trained_checkpoint.endswith("checkpoints/round_001")
+
+
+def test_round_without_previous_checkpoint_fails_and_runs_nothing_downstream(tiny_model, tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize("round_003", _resources(tmp_path, tiny_model), instance)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_key == "generations"
+    assert "round_002 has no checkpoint" in str(failure.step_failure_data.error.to_string())
+    assert not RoundStore(tmp_path).has("round_003", "critiques")
+
+
+def test_empty_filtered_set_is_blocked_before_training(tiny_model, tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize(
+        "round_000", _resources(tmp_path, tiny_model, wrong_always=True), instance
+    )
+    assert not result.success
+    evaluation = next(
+        e for e in result.get_asset_check_evaluations() if e.check_name == "check_min_rows_filtered"
+    )
+    assert not evaluation.passed
+    assert "has 0 rows" in evaluation.description and "Fix:" in evaluation.description
+    store = RoundStore(tmp_path)
+    assert store.has("round_000", "filtered")  # kept for inspection
+    assert not store.has_checkpoint("round_000")  # never trained
+
+
+def test_critiques_asset_called_directly(two_rounds):
+    store, _, _ = two_rounds
+    context = dg.build_asset_context(partition_key="round_000")
+    result = critiques(context=context, storage=StorageResource(data_dir=str(store.data_dir)))
+    assert result.metadata["dagster/row_count"] == 16
+    assert result.metadata["accept_rate"] == pytest.approx(0.25)
