@@ -1,35 +1,73 @@
-"""Blocking gates of a round: a failed gate stops the assets downstream of it.
+"""Quality gates of a round. Blocking gates (severity ERROR) stop everything downstream
+of the asset they check; health monitors WARN with their figures in metadata.
 
-Check logic lives in `selfimprove_dagster.quality` (pure functions); these wrappers
-read the round's table and convert the `GateResult`.
+Check logic lives in the core (`selfimprove_dagster.quality`, `.expectations`,
+`.monitors`), as pure functions; these wrappers read the round's tables and convert.
 """
+
+import warnings
 
 import dagster as dg
 
 from assets.partitions import ROUNDS
-from assets.rounds import checkpoint, filtered
-from resources import StorageResource, TrainerResource
-from selfimprove_dagster import quality
+from assets.rounds import checkpoint, critiques, eval_scores, filtered, generations, prompts
+from resources import GatesResource, GeneratorResource, StorageResource
+from selfimprove_dagster import expectations, monitors, quality, star
+from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.models import read_manifest
+from selfimprove_dagster.storage import previous_round
+
+# Per-round check results need `partitions_def` on checks, a Dagster preview feature.
+warnings.filterwarnings("ignore", category=dg.PreviewWarning, message=".*partitions_def.*")
+
+ERROR, WARN = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
 
 
-def to_check_result(gate: quality.GateResult) -> dg.AssetCheckResult:
+def to_check_result(
+    gate: quality.GateResult, severity: dg.AssetCheckSeverity = ERROR
+) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=gate.passed,
-        severity=dg.AssetCheckSeverity.ERROR,
+        severity=severity,
         description=gate.message,
         # Raw ints, floats, strings, lists and dicts become Dagster metadata values.
         metadata={"observed": gate.observed, "threshold": gate.threshold, **gate.details},
     )
 
 
+def suite_check(asset: dg.AssetsDefinition, table: str, blocking: bool):
+    """A Great Expectations suite (`expectations.SUITES[table]`) as an asset check."""
+
+    @dg.asset_check(
+        asset=asset,
+        name=f"check_schema_{table}",
+        blocking=blocking,
+        partitions_def=ROUNDS,
+        description=f"Great Expectations suite `{table}`: schema, nulls, value sets, ranges.",
+    )
+    def _check(
+        context: dg.AssetCheckExecutionContext, storage: StorageResource
+    ) -> dg.AssetCheckResult:
+        result = expectations.validate_table(
+            table, storage.store().read(context.partition_key, table)
+        )
+        return dg.AssetCheckResult(
+            passed=result.passed,
+            severity=ERROR if blocking else WARN,
+            description=result.message,
+            metadata={"expectations": result.evaluated, "failures": result.failures},
+        )
+
+    return _check
+
+
 @dg.asset_check(asset=filtered, blocking=True, partitions_def=ROUNDS)
 def check_min_rows_filtered(
-    context: dg.AssetCheckExecutionContext, storage: StorageResource, trainer: TrainerResource
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
 ) -> dg.AssetCheckResult:
     """The filtered set has at least `min_filtered` rows (an empty round cannot train)."""
     frame = storage.store().read(context.partition_key, "filtered")
-    return to_check_result(quality.gate_min_rows(frame, trainer.min_filtered))
+    return to_check_result(quality.gate_min_rows(frame, gates.min_filtered))
 
 
 @dg.asset_check(asset=filtered, blocking=True, partitions_def=ROUNDS)
@@ -41,6 +79,19 @@ def check_unique_generation_id_filtered(
     return to_check_result(quality.gate_unique_ids(frame, "generation_id"))
 
 
+@dg.asset_check(asset=filtered, blocking=True, partitions_def=ROUNDS)
+def check_no_contamination_filtered(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
+) -> dg.AssetCheckResult:
+    """No training prompt is an exact or near duplicate of a held-out eval prompt."""
+    store, round_ = storage.store(), context.partition_key
+    eval_set = star.eval_prompts(store.read(round_, "prompts"))
+    gate = quality.gate_no_contamination(
+        store.read(round_, "filtered"), eval_set, gates.near_duplicate_threshold
+    )
+    return to_check_result(gate)
+
+
 @dg.asset_check(asset=checkpoint, blocking=True, partitions_def=ROUNDS)
 def check_training_ran_checkpoint(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
@@ -50,8 +101,70 @@ def check_training_ran_checkpoint(
     return to_check_result(quality.gate_training_ran(manifest))
 
 
+@dg.asset_check(asset=checkpoint, blocking=True, partitions_def=ROUNDS)
+def check_loads_and_generates_checkpoint(
+    context: dg.AssetCheckExecutionContext,
+    storage: StorageResource,
+    generator: GeneratorResource,
+) -> dg.AssetCheckResult:
+    """The checkpoint loads (adapter merged onto its parent) and answers a prompt."""
+    store, round_ = storage.store(), context.partition_key
+    prompt = star.eval_prompts(store.read(round_, "prompts"))["prompt"][0]
+    greedy = Sampling(temperature=0.0, max_new_tokens=generator.max_new_tokens)
+    engine = generator.load(str(store.checkpoint_dir(round_)), store.models_dir)
+    try:
+        completion = engine.generate([prompt], 1, greedy)[0]
+    finally:
+        engine.close()
+    return to_check_result(
+        quality.gate_generates(prompt, completion.text, completion.completion_tokens)
+    )
+
+
+@dg.asset_check(asset=eval_scores, blocking=True, partitions_def=ROUNDS)
+def check_no_regression_eval_scores(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
+) -> dg.AssetCheckResult:
+    """The new checkpoint is not worse than the round's policy beyond the tolerance."""
+    row = storage.store().read(context.partition_key, "eval_scores").row(0, named=True)
+    gate = quality.gate_no_regression(
+        row["accuracy_before"], row["accuracy_after"], gates.regression_tolerance
+    )
+    return to_check_result(gate)
+
+
+@dg.asset_check(asset=eval_scores, partitions_def=ROUNDS)
+def check_exploration_eval_scores(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
+) -> dg.AssetCheckResult:
+    """B-STaR health: WARN when exploration (pass@k, distinct correct answers on the
+    train prompts) fell by more than `max_exploration_drop` since the previous round."""
+    store, round_ = storage.store(), context.partition_key
+    current = store.read(round_, "eval_scores").row(0, named=True)
+    parent = previous_round(round_)
+    previous = (
+        store.read(parent, "eval_scores").row(0, named=True)
+        if parent and store.has(parent, "eval_scores")
+        else None
+    )
+    current = {k: current.get(f"train_{k}") for k in monitors.EXPLORATION_KEYS}
+    if previous is not None:
+        previous = {k: previous.get(f"train_{k}") for k in monitors.EXPLORATION_KEYS}
+    return to_check_result(
+        monitors.exploration_dropped(current, previous, gates.max_exploration_drop), WARN
+    )
+
+
 ROUND_CHECKS = [
+    suite_check(prompts, "prompts", blocking=True),
+    suite_check(generations, "generations", blocking=True),
+    suite_check(critiques, "critiques", blocking=True),
+    suite_check(filtered, "filtered", blocking=True),
     check_min_rows_filtered,
     check_unique_generation_id_filtered,
+    check_no_contamination_filtered,
     check_training_ran_checkpoint,
+    check_loads_and_generates_checkpoint,
+    check_no_regression_eval_scores,
+    check_exploration_eval_scores,
 ]

@@ -14,8 +14,9 @@ import polars as pl
 
 from assets.partitions import ROUNDS
 from resources import GeneratorResource, StorageResource, TaskResource, TrainerResource
-from selfimprove_dagster import star
+from selfimprove_dagster import monitors, star
 from selfimprove_dagster.evaluation import EvalResult, evaluate_policy, previous_accuracy
+from selfimprove_dagster.plots import markdown_image, render_history
 from selfimprove_dagster.storage import RoundStore, round_index
 from selfimprove_dagster.training import train_lora_sft
 
@@ -224,12 +225,17 @@ def eval_scores(
     storage: StorageResource,
     generator: GeneratorResource,
     task: TaskResource,
+    trainer: TrainerResource,
 ) -> dg.MaterializeResult:
-    """Held-out scores of the round's checkpoint (greedy accuracy, pass@k), next to the
-    accuracy of the policy that generated this round (before -> after).
+    """Held-out scores of the round's checkpoint (greedy accuracy, pass@k) next to the
+    accuracy of the policy that generated the round (before -> after), with the round's
+    B-STaR monitors and a plot of the history across rounds.
 
     Columns (one row): round, checkpoint, policy, accuracy_before, accuracy_after,
-    pass_at_k, k, n_eval, eval_seconds. Per-prompt rows go to table `eval_details`.
+    pass_at_k, k, n_eval, kept, kept_fraction, train_pass_at_k,
+    train_distinct_correct_per_prompt, train_answer_diversity, train_solved_fraction,
+    selection_precision, selection_recall, critic_precision, critic_recall,
+    balance_score, eval_seconds. Per-prompt rows go to table `eval_details`.
     """
     store, round_ = storage.store(), context.partition_key
     policy, parent = store.policy_for(round_, generator.base_model)
@@ -257,7 +263,6 @@ def eval_scores(
     if before is None:  # round 0, or the held-out set changed: measure the policy now
         context.log.info(f"{round_}: scoring the policy {policy} on the held-out set")
         before = score(policy, 0).accuracy
-    details = after.details.with_columns(round=pl.lit(round_))
     row = {
         "round": round_,
         "checkpoint": str(store.checkpoint_dir(round_)),
@@ -267,10 +272,13 @@ def eval_scores(
         "pass_at_k": after.pass_at_k,
         "k": after.k,
         "n_eval": eval_set.height,
+        **round_health(store, round_, generator.samples_per_prompt, trainer.max_per_prompt),
         "eval_seconds": round(time.monotonic() - started, 1),
     }
-    _save(context, store, "eval_details", details)
+    _save(context, store, "eval_details", after.details.with_columns(round=pl.lit(round_)))
     _save(context, store, "eval_scores", pl.DataFrame([row]))
+    history = store.history()
+    plot = render_history(history, store.data_dir / "plots" / "history.png")
     context.log.info(f"{round_}: held-out accuracy {before:.1%} -> {after.accuracy:.1%}")
     return dg.MaterializeResult(
         metadata={
@@ -278,5 +286,27 @@ def eval_scores(
             "accuracy_delta": after.accuracy - before,
             "policy_checkpoint": policy,
             "parent_round": parent or "none (base model)",
+            "history": dg.MetadataValue.md(markdown_image(plot)),
+            "history_table": dg.MetadataValue.md(
+                history.select(HISTORY_COLUMNS).to_pandas().to_markdown(index=False)
+            ),
         }
     )
+
+
+HISTORY_COLUMNS = ["round", "kept", "accuracy_before", "accuracy_after", "pass_at_k"]
+
+
+def round_health(store: RoundStore, round_: str, k: int, target: int) -> dict:
+    """Kept fraction and the B-STaR monitors of the round's train-prompt sampling."""
+    generated, kept = store.read(round_, "generations"), store.read(round_, "filtered")
+    health = monitors.round_monitors(
+        generated, store.read(round_, "critiques"), kept, k=k, target=target
+    )
+    exploration = {f"train_{name}": health.pop(name) for name in monitors.EXPLORATION_COLUMNS}
+    return {
+        "kept": kept.height,
+        "kept_fraction": kept.height / max(generated.height, 1),
+        **exploration,
+        **health,
+    }

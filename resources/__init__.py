@@ -14,9 +14,10 @@ from typing import TypeVar
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from selfimprove_dagster.engines import GenerationEngine, Sampling, make_engine
+from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.models import DEFAULT_MODEL
 from selfimprove_dagster.storage import RoundStore
 from selfimprove_dagster.training import TrainParams
@@ -33,7 +34,18 @@ def from_env(cls: type[R], **fixed: object) -> R:
         if raw is not None and raw != "":
             values[name] = raw  # pydantic coerces "3" -> 3, "0.8" -> 0.8, "true" -> True
     values.update(fixed)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValidationError as error:
+        bad = ", ".join(
+            f"{ENV_PREFIX}{str(e['loc'][0]).upper()}={e.get('input')!r} ({e['msg']})"
+            for e in error.errors()
+        )
+        raise SelfImproveError(
+            f"Invalid setting for {cls.__name__}: {bad}",
+            "set the environment variable to a value of the field's type (see README, "
+            "Configuration)",
+        ) from None
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -63,7 +75,7 @@ class TaskResource(dg.ConfigurableResource):
         default=4, description="k for held-out pass@k (0 = greedy accuracy only)."
     )
     pass_at_k_prompts: int = Field(
-        default=100, description="Held-out prompts sampled k times for pass@k."
+        default=50, description="Held-out prompts sampled k times for pass@k."
     )
 
     def problems(self) -> pl.DataFrame:
@@ -120,9 +132,8 @@ class TrainerResource(dg.ConfigurableResource):
         description="continue: train on top of the round's policy; "
         "restart: train the base model every round (ReST-EM).",
     )
-    max_per_prompt: int = Field(default=2, description="Cap on kept samples per prompt.")
-    min_filtered: int = Field(
-        default=1, description="Fewest filtered rows a round may train on (gate)."
+    max_per_prompt: int = Field(
+        default=1, description="Cap on kept samples per prompt (keeps training cost flat)."
     )
     lora_r: int = Field(default=16, description="LoRA rank.")
     lora_alpha: int = Field(default=32, description="LoRA alpha.")
@@ -143,10 +154,27 @@ class TrainerResource(dg.ConfigurableResource):
 
     def trained_from(self, policy: str, base_model: str) -> str:
         """The model the round's adapter is trained on top of."""
-        from selfimprove_dagster.errors import SelfImproveError
-
         if self.init == "continue":
             return policy
         if self.init == "restart":
             return base_model
         raise SelfImproveError(f"Unknown trainer init `{self.init}`", "use `continue` or `restart`")
+
+
+class GatesResource(dg.ConfigurableResource):
+    """Thresholds of the round's quality gates (blocking) and health monitors (WARN)."""
+
+    min_filtered: int = Field(
+        default=1, description="Fewest filtered rows a round may train on (blocking)."
+    )
+    regression_tolerance: float = Field(
+        default=0.05,
+        description="Largest held-out accuracy drop vs the round's policy allowed (blocking).",
+    )
+    near_duplicate_threshold: float = Field(
+        default=0.9,
+        description="Similarity at which a train prompt counts as a copy of an eval prompt.",
+    )
+    max_exploration_drop: float = Field(
+        default=0.5, description="WARN when pass@k or distinct correct answers fall this much."
+    )

@@ -10,6 +10,7 @@ import dagster as dg
 
 from assets import ROUND_ASSETS, ROUND_CHECKS, round_job
 from resources import (
+    GatesResource,
     GeneratorResource,
     StorageResource,
     TaskResource,
@@ -28,6 +29,7 @@ def build_definitions() -> dg.Definitions:
             "task": from_env(TaskResource),
             "generator": from_env(GeneratorResource),
             "trainer": from_env(TrainerResource),
+            "gates": from_env(GatesResource),
         },
         # Steps are heavy (a model load each); a process per step costs seconds on 2 cores.
         executor=dg.in_process_executor,

@@ -123,6 +123,11 @@ class RoundStore:
         keys = [p.name for p in rounds_dir.iterdir() if ROUND_PATTERN.match(p.name)]
         return sorted(k for k in keys if self.has(k, "eval_scores"))
 
+    def history(self) -> pl.DataFrame:
+        """All completed rounds' `eval_scores` rows, in round order."""
+        frames = [self.read(key, "eval_scores") for key in self.completed_rounds()]
+        return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
     def refresh_catalog(self) -> str:
         """(Re)create one DuckDB view per table over all rounds' Parquet files.
 

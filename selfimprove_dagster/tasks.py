@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -117,12 +118,12 @@ def make_task(name: str, n_train: int, n_eval: int, seed: int) -> pl.DataFrame:
     _check_count("n_eval", n_eval)
     generator, rng = TASKS[name], random.Random(seed)
     wanted, max_draws = n_train + n_eval, DRAWS_PER_PROBLEM * (n_train + n_eval) + MIN_DRAWS
-    problems: dict[str, tuple[str, str]] = {}  # normalized prompt -> (prompt, answer)
+    problems: dict[object, tuple[str, str]] = {}  # problem key -> (prompt, answer)
     for _ in range(max_draws):
         if len(problems) == wanted:
             break
         prompt, answer = generator(rng)
-        problems.setdefault(_prompt_key(prompt), (prompt, answer))
+        problems.setdefault(_problem_key(prompt, answer), (prompt, answer))
     if len(problems) < wanted:
         raise SelfImproveError(
             f"task {name!r} gave only {len(problems)} distinct problems in {max_draws} draws, "
@@ -193,6 +194,15 @@ def load_gsm8k(
 
 
 # --- helpers -------------------------------------------------------------------------
+
+
+def _problem_key(prompt: str, answer: str) -> object:
+    """Two generated problems are the same problem when they have the same numbers in
+    the same order and the same answer: "Sam has 23 apples and buys 29 more" and "Mia
+    has 23 cards and buys 29 more" differ only in names, so they must not land in
+    both train and eval (the contamination gate would rightly flag them)."""
+    numbers = tuple(re.findall(r"\d+", prompt))
+    return (numbers, answer) if numbers else _prompt_key(prompt)
 
 
 def _prompt_key(prompt: str) -> str:

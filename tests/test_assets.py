@@ -9,7 +9,13 @@ import pytest
 
 from assets import ROUND_ASSETS, ROUND_CHECKS
 from assets.rounds import critiques
-from resources import GeneratorResource, StorageResource, TaskResource, TrainerResource
+from resources import (
+    GatesResource,
+    GeneratorResource,
+    StorageResource,
+    TaskResource,
+    TrainerResource,
+)
 from selfimprove_dagster.storage import RoundStore
 from tests.conftest import ScriptedEngine
 
@@ -32,12 +38,14 @@ class ScriptedGenerator(GeneratorResource):
         return engine
 
 
-def _resources(data_dir, tiny_model, **generator):
+def _resources(data_dir, tiny_model, task=None, **generator):
     return {
         "storage": StorageResource(data_dir=str(data_dir)),
-        "task": TaskResource(n_train=8, n_eval=6, eval_samples_per_prompt=2, pass_at_k_prompts=4),
+        "task": task
+        or TaskResource(n_train=8, n_eval=6, eval_samples_per_prompt=2, pass_at_k_prompts=4),
         "generator": ScriptedGenerator(base_model=tiny_model, samples_per_prompt=2, **generator),
         "trainer": TrainerResource(epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
+        "gates": GatesResource(),
     }
 
 
@@ -153,3 +161,80 @@ def test_critiques_asset_called_directly(two_rounds):
     result = critiques(context=context, storage=StorageResource(data_dir=str(store.data_dir)))
     assert result.metadata["dagster/row_count"] == 16
     assert result.metadata["accept_rate"] == pytest.approx(0.25)
+
+
+def test_every_gate_passes_on_a_clean_round(two_rounds):
+    _, results, _ = two_rounds
+    for result in results:
+        evaluations = result.get_asset_check_evaluations()
+        assert len(evaluations) == len(ROUND_CHECKS)
+        failed = [(e.check_name, e.description) for e in evaluations if not e.passed]
+        assert failed == []
+
+
+def test_eval_scores_carry_monitors_and_the_history_plot(two_rounds):
+    store, results, _ = two_rounds
+    metadata = results[1].asset_materializations_for_node("eval_scores")[0].metadata
+    assert metadata["history"].value.startswith("![")
+    assert "round_001" in metadata["history_table"].value
+    row = store.read("round_001", "eval_scores").row(0, named=True)
+    assert row["selection_precision"] == 1.0  # the verifier keeps only correct samples
+    assert row["train_solved_fraction"] == pytest.approx(0.5)
+    assert (store.data_dir / "plots" / "history.png").is_file()
+
+
+class ContaminatedTask(TaskResource):
+    """Planted defect: train prompt 0 is an eval prompt with other case and spacing."""
+
+    def problems(self):
+        import polars as pl
+
+        from selfimprove_dagster.ids import prompt_id
+
+        rows = [
+            ("what is 23 + 45 ?", "68", "train"),  # contaminated copy of the eval prompt
+            ("What is 11 + 12?", "23", "train"),
+            ("What is 30 + 31?", "61", "train"),
+            ("What is 23 + 45?", "68", "eval"),
+            ("What is 50 + 12?", "62", "eval"),
+        ]
+        return pl.DataFrame(
+            [
+                {"prompt_id": prompt_id(p), "prompt": p, "answer": a, "split": s, "task": "t"}
+                for p, a, s in rows
+            ]
+        )
+
+
+def test_contaminated_prompt_blocks_training(tiny_model, tmp_path):
+    resources = _resources(tmp_path, tiny_model, task=ContaminatedTask())
+    result = _materialize("round_000", resources, dg.DagsterInstance.ephemeral())
+    assert not result.success
+    evaluation = next(
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "check_no_contamination_filtered"
+    )
+    assert not evaluation.passed
+    offending = evaluation.metadata["contaminated_prompts"].value
+    assert offending[0]["prompt"] == "what is 23 + 45 ?"
+    assert not RoundStore(tmp_path).has_checkpoint("round_000")
+
+
+def test_duplicated_generation_blocks_training(tiny_model, tmp_path, monkeypatch):
+    from selfimprove_dagster import star
+
+    real_filter = star.filter_accepted
+
+    def filter_with_duplicate(generations, critiques, max_per_prompt):
+        kept = real_filter(generations, critiques, max_per_prompt)
+        return kept.vstack(kept.head(1))  # planted defect: one generation twice
+
+    monkeypatch.setattr(star, "filter_accepted", filter_with_duplicate)
+    result = _materialize(
+        "round_000", _resources(tmp_path, tiny_model), dg.DagsterInstance.ephemeral()
+    )
+    assert not result.success
+    failed = {e.check_name for e in result.get_asset_check_evaluations() if not e.passed}
+    assert "check_unique_generation_id_filtered" in failed
+    assert not RoundStore(tmp_path).has_checkpoint("round_000")

@@ -47,3 +47,14 @@ def test_env_overrides_reach_resources(monkeypatch):
     monkeypatch.setenv("SELFIMPROVE_TASK", "word_problems")
     task = from_env(TaskResource)
     assert (task.n_train, task.task, task.n_eval) == (17, "word_problems", 200)
+
+
+def test_env_override_of_the_wrong_type_names_the_variable(monkeypatch):
+    import pytest
+
+    from resources import TaskResource, from_env
+    from selfimprove_dagster.errors import SelfImproveError
+
+    monkeypatch.setenv("SELFIMPROVE_N_TRAIN", "many")
+    with pytest.raises(SelfImproveError, match="SELFIMPROVE_N_TRAIN='many'"):
+        from_env(TaskResource)

@@ -270,3 +270,14 @@ def test_load_gsm8k_file_with_fraction_split() -> None:
     _assert_valid_table(table)
     assert table["split"].value_counts().sort("split").rows() == [("eval", 50), ("train", 100)]
     assert set(table["task"]) == {"test"}  # the file's stem
+
+
+def test_word_problems_differing_only_in_names_are_one_problem():
+    """Same numbers, same answer, other name/object: never in both train and eval."""
+    from selfimprove_dagster.quality import gate_no_contamination
+
+    for seed in range(3):
+        table = make_task("word_problems", n_train=200, n_eval=200, seed=seed)
+        train = table.filter(pl.col("split") == "train")
+        eval_ = table.filter(pl.col("split") == "eval")
+        assert gate_no_contamination(train, eval_).passed, seed

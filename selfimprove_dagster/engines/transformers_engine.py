@@ -23,7 +23,12 @@ from selfimprove_dagster.progress import LogFn, Progress
 
 class TransformersEngine(GenerationEngine):
     def __init__(
-        self, model_ref: str, models_dir: Path, batch_size: int = 64, torch_threads: int = 0
+        self,
+        model_ref: str,
+        models_dir: Path,
+        batch_size: int = 64,
+        torch_threads: int = 0,
+        share_prefix: bool = True,
     ) -> None:
         import torch
 
@@ -32,6 +37,7 @@ class TransformersEngine(GenerationEngine):
             torch.set_num_threads(torch_threads)
         self.model_ref = model_ref
         self.batch_size = batch_size
+        self.share_prefix = share_prefix  # off only to measure what it saves
         self.tokenizer = load_tokenizer(model_ref, models_dir)
         self.tokenizer.padding_side = "left"
         self.model = load_model(model_ref, models_dir).eval()
@@ -88,7 +94,8 @@ class TransformersEngine(GenerationEngine):
             {"input_ids": [prompt_ids[i] for i in distinct]}, padding=True, return_tensors="pt"
         )
         row_of = torch.tensor([distinct.index(i) for i, _ in batch])
-        cache = self._shared_prefix_cache(encoded, row_of) if len(distinct) < len(batch) else None
+        shares = self.share_prefix and len(distinct) < len(batch)
+        cache = self._shared_prefix_cache(encoded, row_of) if shares else None
         encoded = {name: tensor[row_of] for name, tensor in encoded.items()}
         kwargs: dict = {"max_new_tokens": sampling.max_new_tokens, "do_sample": not sampling.greedy}
         if not sampling.greedy:
