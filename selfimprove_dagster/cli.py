@@ -145,17 +145,31 @@ def run_failure_message(result) -> str:
     return "the run failed; see the Dagster run log (`make ui`)"
 
 
+def start_ui(port: int) -> int:
+    """`dagster dev` on 127.0.0.1 over the instance in DAGSTER_HOME (set by `use_data_dir`)."""
+    repo = Path(__file__).resolve().parents[1]
+    dagster = Path(sys.executable).with_name("dagster")  # the venv's, even if not on PATH
+    command = [str(dagster if dagster.exists() else "dagster"), "dev", "-h", "127.0.0.1"]
+    command += ["-p", str(port)]
+    if (repo / "workspace.yaml").is_file():
+        return subprocess.call([*command, "-w", str(repo / "workspace.yaml")], cwd=repo)
+    return subprocess.call([*command, "-m", "selfimprove_dagster.definitions"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfimprove", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data-dir", default=os.environ.get("SELFIMPROVE_DATA_DIR", "var"), help="data dir"
     )
+    # --data-dir also works after the command (`selfimprove run --data-dir d`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=argparse.SUPPRESS, help="data dir")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="materialize rounds through Dagster")
+    run = commands.add_parser("run", parents=[common], help="materialize rounds through Dagster")
     run.add_argument("--rounds", type=int, default=3, help="rounds to have completed")
-    status = commands.add_parser("status", help="one line per completed round")
+    status = commands.add_parser("status", parents=[common], help="one line per completed round")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    ui = commands.add_parser("ui", help="dagster dev on 127.0.0.1 over the same instance")
+    ui = commands.add_parser("ui", parents=[common], help="dagster dev on 127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     args = parser.parse_args(argv)
 
@@ -168,14 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows, indent=2) if args.json else format_status(rows))
             return 0
         if args.command == "ui":
-            workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
-            command = ["dagster", "dev", "-h", "127.0.0.1", "-p", str(args.port)]
-            command += (
-                ["-w", str(workspace)]
-                if workspace.is_file()
-                else ["-m", "selfimprove_dagster.definitions"]
-            )
-            return subprocess.call(command, cwd=workspace.parent if workspace.is_file() else None)
+            return start_ui(args.port)
     except SelfImproveError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
