@@ -29,6 +29,9 @@ def use_data_dir(data_dir: str) -> RoundStore:
     store = RoundStore(Path(data_dir).expanduser().resolve())
     dagster_home = store.data_dir / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.exists():  # the default SQLite storage, stated; no telemetry off-machine
+        config.write_text("telemetry:\n  enabled: false\n")
     os.environ["SELFIMPROVE_DATA_DIR"] = str(store.data_dir)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     return store

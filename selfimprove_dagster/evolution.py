@@ -1,0 +1,332 @@
+"""Continuous evolution: when to run another round, which checkpoint to promote, and
+which sampling temperature the next round should use.
+
+Pure functions over the round history (`RoundStore.history()`: one `eval_scores` row
+per completed round, with `round`, `accuracy_before`, `accuracy_after` and the B-STaR
+monitors). The Dagster sensor and schedule (`assets/sensors.py`) are thin wrappers:
+
+    decision = next_round_decision(store.history(), gates_passed, StopRules())
+    decision.proceed, decision.next_round, decision.reason   # reason = skip reason
+
+`promoted_round` is the checkpoint to serve (best held-out accuracy among rounds that
+did not regress); `choose_policy` is the checkpoint that generates the next round.
+`choose_temperature` is B-STaR's practical rule for the next round's temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import polars as pl
+
+from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.storage import round_index, round_key
+
+# Float slack: 0.6 - 0.1 is 0.49999999999999994, and "equal" must compare equal.
+EPS = 1e-9
+PolicyMode = Literal["latest", "best"]
+POLICY_MODES: tuple[str, ...] = ("latest", "best")
+TEMPERATURE_GRID: tuple[float, ...] = (0.6, 0.8, 1.0, 1.2)
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """When the loop stops by itself (each rule becomes the recorded skip reason)."""
+
+    max_rounds: int = 4  # completed rounds after which the loop stops
+    patience: int = 2  # stop after this many rounds in a row without improvement
+    min_improvement: float = 0.005  # accuracy gain over the best so far that counts
+    stop_on_regression: bool = True  # stop when the latest round scored below its policy
+    # Accuracy drop not counted as a regression: held-out noise (a 200-prompt set at 80%
+    # has a standard error of ~3 points). Promotion stays strict (`promoted_round`).
+    regression_tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1 or self.patience < 1:
+            raise SelfImproveError(
+                f"Stop rules need max_rounds >= 1 and patience >= 1, got max_rounds="
+                f"{self.max_rounds}, patience={self.patience}",
+                "set both to 1 or more",
+            )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether to run another round; `reason` is shown as the sensor's skip reason or
+    recorded with the run it requests."""
+
+    proceed: bool
+    next_round: str | None
+    reason: str
+
+
+# --- next round --------------------------------------------------------------------
+
+
+def next_round_decision(
+    history: pl.DataFrame,
+    gates_passed: bool,
+    rules: StopRules,
+    failed_gates: Sequence[str] = (),
+) -> Decision:
+    """Run round N+1 after round N, unless a stop rule says otherwise.
+
+    `history` holds one row per completed round; `gates_passed` says whether the
+    latest round's blocking gates passed (`failed_gates` names those that did not).
+    Rules, first match wins: a regression (if `stop_on_regression`; failed gates are
+    named too), a failed gate, `max_rounds` reached, no improvement for `patience`
+    rounds. An empty history starts round_000.
+    """
+    rounds = in_round_order(history)
+    if rounds.height == 0:
+        return Decision(True, round_key(0), "no completed rounds yet → run round_000")
+    latest = rounds.row(rounds.height - 1, named=True)
+    if rules.stop_on_regression and _regressed(latest, rules.regression_tolerance):
+        # Before the gates: the figures say more than the name of the regression gate.
+        gates = "" if gates_passed else f" ({gate_failure_reason(latest['round'], failed_gates)})"
+        return Decision(
+            False,
+            None,
+            f"{latest['round']} regressed {_pct(latest['accuracy_before'])} -> "
+            f"{_pct(latest['accuracy_after'])}{gates}",
+        )
+    if not gates_passed:
+        return Decision(False, None, gate_failure_reason(latest["round"], failed_gates))
+    if rounds.height >= rules.max_rounds:
+        return Decision(False, None, f"max rounds reached ({rules.max_rounds})")
+    stale = rounds_without_improvement(rounds, rules.min_improvement)
+    best_round, best_accuracy = best_so_far(rounds)
+    if stale >= rules.patience:
+        return Decision(
+            False,
+            None,
+            f"no improvement for {stale} rounds (best {_pct(best_accuracy)} at {best_round})",
+        )
+    next_key = round_key(round_index(latest["round"]) + 1)
+    verb = (
+        "improved"
+        if stale == 0
+        else f"did not improve ({stale} of {rules.patience} rounds of patience used)"
+    )
+    return Decision(
+        True,
+        next_key,
+        f"{latest['round']} {verb} {_pct(latest['accuracy_before'])} -> "
+        f"{_pct(latest['accuracy_after'])} → run {next_key}",
+    )
+
+
+def gate_failure_reason(round_: str, failed_gates: Sequence[str] = (), shown: int = 3) -> str:
+    """The skip reason for a round whose blocking gates did not all pass."""
+    if not failed_gates:
+        return f"a blocking gate failed in {round_}"
+    names = ", ".join(failed_gates[:shown])
+    more = f" and {len(failed_gates) - shown} more" if len(failed_gates) > shown else ""
+    return f"a blocking gate failed in {round_}: {names}{more}"
+
+
+def rounds_without_improvement(history: pl.DataFrame, min_improvement: float) -> int:
+    """Completed rounds in a row, up to the latest, that did not beat the best accuracy
+    seen before them by `min_improvement`. The bar starts at the base model's accuracy
+    (the first round's `accuracy_before`)."""
+    rounds = in_round_order(history)
+    if rounds.height == 0:
+        return 0
+    bar = _number(rounds["accuracy_before"][0], default=-math.inf)
+    stale = 0
+    for accuracy in rounds["accuracy_after"]:
+        accuracy = _number(accuracy, default=-math.inf)
+        if accuracy >= bar + min_improvement - EPS:
+            bar, stale = accuracy, 0
+        else:
+            stale += 1
+    return stale
+
+
+def best_so_far(history: pl.DataFrame) -> tuple[str, float]:
+    """The best held-out accuracy so far and where it is: a round, or "the base model"
+    when no round beat the first round's policy. Ties go to the earliest."""
+    rounds = in_round_order(history)
+    best_label, best = "the base model", _number(rounds["accuracy_before"][0], default=-math.inf)
+    for round_, accuracy in rounds.select("round", "accuracy_after").iter_rows():
+        accuracy = _number(accuracy, default=-math.inf)
+        if accuracy > best + EPS:
+            best_label, best = round_, accuracy
+    return best_label, best
+
+
+# --- promotion -----------------------------------------------------------------------
+
+
+def promoted_round(history: pl.DataFrame, tolerance: float = 0.0) -> str | None:
+    """The round whose checkpoint is served: the best `accuracy_after` among rounds that
+    did not regress (`accuracy_after >= accuracy_before - tolerance`); ties go to the
+    earliest round. None when no round qualifies (serve the base model).
+
+    A regressed round stays on disk for inspection but is never promoted.
+    """
+    promoted, best = None, -math.inf
+    for row in in_round_order(history).iter_rows(named=True):
+        after = _number(row["accuracy_after"], default=None)
+        if after is None or _regressed(row, tolerance):
+            continue
+        if after > best + EPS:
+            promoted, best = row["round"], after
+    return promoted
+
+
+def choose_policy(history: pl.DataFrame, mode: str, tolerance: float = 0.0) -> str | None:
+    """The round whose checkpoint generates the next round (None: the base model).
+
+    - "latest": the latest completed round (plain STaR), even one that regressed; the
+      `stop_on_regression` rule is what keeps the loop from building on it.
+    - "best": the promoted round (`promoted_round`), so a regressed round is rolled back.
+    """
+    if mode not in POLICY_MODES:
+        raise SelfImproveError(
+            f"Unknown policy mode `{mode}`", f"use one of {', '.join(POLICY_MODES)}"
+        )
+    if mode == "best":
+        return promoted_round(history, tolerance)
+    rounds = in_round_order(history)
+    return rounds["round"][-1] if rounds.height else None
+
+
+# --- B-STaR temperature --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuningLimits:
+    """Where `choose_temperature` reads a round's monitors as too little exploration or
+    exploitation."""
+
+    min_selection_precision: float = 0.9  # below: the filter keeps wrong samples
+    min_balance: float = 0.5  # below (with a precise filter): too few correct samples
+    min_solved_fraction: float = 0.5  # below: most train prompts get no correct sample
+    saturated_solved_fraction: float = 0.95  # at or above, with a high balance: saturated
+    saturated_balance: float = 0.8  # the "high balance" of a saturated round
+
+
+def choose_temperature(
+    round_row: Mapping[str, Any],
+    *,
+    current: float,
+    grid: tuple[float, ...] = TEMPERATURE_GRID,
+    limits: TuningLimits = TuningLimits(),
+) -> tuple[float, str]:
+    """The next round's sampling temperature from this round's B-STaR monitors, and a
+    reason that names the figures.
+
+    B-STaR (Zeng et al., 2024) picks the temperature that maximizes the balance score,
+    which needs samples at every candidate temperature. A finished round only has its
+    own temperature's figures, so this is the paper's practical reading of them, one
+    grid step at a time:
+
+    1. exploitation poor (`selection_precision` < min): one step DOWN; hotter sampling
+       would add more wrong samples for the filter to let through.
+    2. exploration saturated (`train_solved_fraction` >= saturated and
+       `balance_score` >= saturated): one step DOWN; more randomness buys nothing.
+    3. exploration low (`balance_score` or `train_solved_fraction` below its min, with
+       a precise filter): one step UP, for more distinct correct samples per prompt.
+    4. otherwise keep. Missing figures (None / NaN) also keep.
+
+    `current` is snapped to the nearest grid value first. Use
+    `choose_temperature_from_samples` when the balance was measured per temperature.
+    """
+    if not grid:
+        raise SelfImproveError("The temperature grid is empty", "pass at least one temperature")
+    grid = tuple(sorted(grid))
+    at = min(range(len(grid)), key=lambda i: abs(grid[i] - current))
+    precision = _number(round_row.get("selection_precision"), default=None)
+    balance = _number(round_row.get("balance_score"), default=None)
+    solved = _number(round_row.get("train_solved_fraction"), default=None)
+    distinct = _number(round_row.get("train_distinct_correct_per_prompt"), default=None)
+    figures = (
+        f"selection precision {_fmt(precision)}, balance {_fmt(balance)}, "
+        f"solved {_fmt(solved)}, distinct correct/prompt {_fmt(distinct)}"
+    )
+    if precision is not None and precision < limits.min_selection_precision:
+        return _step(grid, at, -1, f"exploitation poor ({figures})")
+    if balance is None or solved is None:
+        return grid[at], f"keep T={grid[at]:g}: monitors missing ({figures})"
+    if solved >= limits.saturated_solved_fraction and balance >= limits.saturated_balance:
+        return _step(grid, at, -1, f"exploration saturated ({figures})")
+    if balance < limits.min_balance or solved < limits.min_solved_fraction:
+        return _step(grid, at, +1, f"exploration low ({figures})")
+    return grid[at], f"keep T={grid[at]:g}: exploration and exploitation balanced ({figures})"
+
+
+def choose_temperature_from_samples(
+    per_temperature_balance: Mapping[float, float], current: float | None = None
+) -> tuple[float, str]:
+    """B-STaR's own rule, for a caller that measured the balance score at several
+    temperatures: the argmax. Ties go to `current` when it is among them, else to the
+    lowest tied temperature (less randomness for the same balance)."""
+    if not per_temperature_balance:
+        raise SelfImproveError(
+            "No balance scores to choose a temperature from",
+            "measure the balance score at one or more temperatures",
+        )
+    best = max(per_temperature_balance.values())
+    tied = sorted(t for t, b in per_temperature_balance.items() if b >= best - EPS)
+    chosen = current if current in tied else tied[0]
+    table = ", ".join(f"T={t:g}: {b:.3f}" for t, b in sorted(per_temperature_balance.items()))
+    return chosen, f"T={chosen:g} has the highest balance score {best:.3f} ({table})"
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def in_round_order(history: pl.DataFrame) -> pl.DataFrame:
+    """History rows sorted by round index (round_1000 after round_999)."""
+    if history.height == 0:
+        return history
+    return history.sort(_round_number())
+
+
+def history_through(history: pl.DataFrame, last_round: str | None) -> pl.DataFrame:
+    """History rows up to and including `last_round` (all rows when it is None)."""
+    if last_round is None or history.height == 0:
+        return history
+    return in_round_order(history).filter(_round_number() <= round_index(last_round))
+
+
+def _round_number() -> pl.Expr:
+    return pl.col("round").str.extract(r"(\d+)$").cast(pl.Int64)
+
+
+def _regressed(row: Mapping[str, Any], tolerance: float) -> bool:
+    before = _number(row.get("accuracy_before"), default=None)
+    after = _number(row.get("accuracy_after"), default=None)
+    if before is None or after is None:
+        return False
+    return after < before - tolerance - EPS
+
+
+def _step(grid: tuple[float, ...], at: int, direction: int, why: str) -> tuple[float, str]:
+    to = min(max(at + direction, 0), len(grid) - 1)
+    if to == at:
+        edge = "top" if direction > 0 else "bottom"
+        return grid[at], f"keep T={grid[at]:g} (already at the {edge} of the grid): {why}"
+    verb = "raise" if direction > 0 else "lower"
+    return grid[to], f"{verb} T {grid[at]:g} -> {grid[to]:g}: {why}"
+
+
+def _number(value: Any, default: float | None) -> float | None:
+    """A float, or `default` for None / NaN (a monitor that was undefined)."""
+    if value is None:
+        return default
+    value = float(value)
+    return default if math.isnan(value) else value
+
+
+def _pct(value: Any) -> str:
+    number = _number(value, default=None)
+    return "n/a" if number is None or math.isinf(number) else f"{number:.1%}"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
