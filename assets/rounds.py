@@ -4,18 +4,28 @@
 
 Each body loads its inputs from the round store, calls one core function
 (`selfimprove_dagster.star`, `.training`, `.evaluation`) and returns metadata.
-Round N's policy is round N−1's checkpoint (`RoundStore.policy_for`).
+Round N's policy is round N−1's checkpoint, or the best one so far with
+`SELFIMPROVE_POLICY=best` (`evolution.round_policy`); `checkpoint` and `eval_scores`
+read it back from the round's `generations`, so the three always agree.
 """
 
 import time
+from dataclasses import replace
 
 import dagster as dg
 import polars as pl
 
 from assets.partitions import ROUNDS
-from resources import GeneratorResource, StorageResource, TaskResource, TrainerResource
+from resources import (
+    EvolutionResource,
+    GeneratorResource,
+    StorageResource,
+    TaskResource,
+    TrainerResource,
+)
 from selfimprove_dagster import monitors, star
 from selfimprove_dagster.evaluation import EvalResult, evaluate_policy, previous_accuracy
+from selfimprove_dagster.evolution import round_policy, round_temperature
 from selfimprove_dagster.plots import markdown_image, render_history
 from selfimprove_dagster.storage import RoundStore, round_index
 from selfimprove_dagster.training import train_lora_sft
@@ -63,7 +73,10 @@ def prompts(
     partitions_def=ROUNDS, group_name="generate", kinds=ROUND_KINDS | {"pytorch"}, deps=[prompts]
 )
 def generations(
-    context: dg.AssetExecutionContext, storage: StorageResource, generator: GeneratorResource
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    generator: GeneratorResource,
+    evolution: EvolutionResource,
 ) -> dg.MaterializeResult:
     """k sampled completions per train prompt from the round's policy (round N−1's
     checkpoint; the base model in round 0).
@@ -73,15 +86,18 @@ def generations(
     max_new_tokens, seed.
     """
     store, round_ = storage.store(), context.partition_key
-    policy, parent = store.policy_for(round_, generator.base_model)
-    context.log.info(f"{round_}: policy {policy}")
+    policy, parent = round_policy(store, round_, generator.base_model, evolution.policy)
+    temperature, temperature_reason = round_temperature(
+        store, round_, generator.temperature, evolution.auto_temperature
+    )
+    context.log.info(f"{round_}: policy {policy}; {temperature_reason}")
     engine = generator.load(policy, store.models_dir)
     frame = star.sample_generations(
         engine,
         store.read(round_, "prompts"),
         round_,
         generator.samples_per_prompt,
-        generator.sampling(round_index(round_)),
+        replace(generator.sampling(round_index(round_)), temperature=temperature),
         log=context.log.info,
     )
     path = _save(context, store, "generations", frame)
@@ -90,8 +106,10 @@ def generations(
             "dagster/row_count": frame.height,
             "policy_checkpoint": policy,
             "parent_round": parent or "none (base model)",
+            "policy_mode": evolution.policy,
             "samples_per_prompt": generator.samples_per_prompt,
-            "temperature": generator.temperature,
+            "temperature": temperature,
+            "temperature_reason": temperature_reason,
             "tokens_per_second": round(engine.last_stats.get("tokens_per_s", 0.0), 1),
             "generation_seconds": round(engine.last_stats.get("seconds", 0.0), 1),
             "mean_completion_tokens": float(frame["completion_tokens"].mean() or 0.0),
@@ -169,7 +187,7 @@ def checkpoint(
     train_examples, optimizer_steps, planned_steps, final_loss.
     """
     store, round_ = storage.store(), context.partition_key
-    policy, parent = store.policy_for(round_, generator.base_model)
+    policy, parent = store.generation_policy(round_)
     trained_from = trainer.trained_from(policy, generator.base_model)
     frame = store.read(round_, "filtered")
     out_dir = store.checkpoint_dir(round_)
@@ -238,7 +256,7 @@ def eval_scores(
     balance_score, eval_seconds. Per-prompt rows go to table `eval_details`.
     """
     store, round_ = storage.store(), context.partition_key
-    policy, parent = store.policy_for(round_, generator.base_model)
+    policy, parent = store.generation_policy(round_)
     eval_set = star.eval_prompts(store.read(round_, "prompts"))
     sampling = generator.sampling(round_index(round_))
     started = time.monotonic()

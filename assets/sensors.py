@@ -13,17 +13,16 @@ from the UI (Automation → next_round_sensor → Start) or with `dagster sensor
 """
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import dagster as dg
 
 # `PartitionKeyFilter` is not exported by `dagster` 1.13, but it is the only way to ask
 # the event log for a check's latest result on one partition.
 from dagster._core.event_api import PartitionKeyFilter
-from pydantic import Field
 
 from assets.partitions import ROUNDS
-from resources import StorageResource
+from resources import EvolutionResource, StorageResource
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.evolution import (
     Decision,
@@ -48,41 +47,6 @@ UNFINISHED_STATUSES = [
     dg.DagsterRunStatus.SUSPENDED,
     dg.DagsterRunStatus.CANCELING,
 ]
-
-
-class EvolutionResource(dg.ConfigurableResource):
-    """When the loop stops by itself, and which checkpoint generates the next round."""
-
-    max_rounds: int = Field(default=4, description="Completed rounds after which the loop stops.")
-    patience: int = Field(
-        default=2, description="Stop after this many rounds in a row without improvement."
-    )
-    min_improvement: float = Field(
-        default=0.005,
-        description="Held-out accuracy gain over the best so far that counts as improvement.",
-    )
-    stop_on_regression: bool = Field(
-        default=True, description="Stop when the latest round scored below its policy."
-    )
-    regression_tolerance: float = Field(
-        default=0.02,
-        description="Accuracy drop the stop rule does not count as a regression (held-out "
-        "noise); promotion never takes a round that scored below its policy.",
-    )
-    policy: Literal["latest", "best"] = Field(
-        default="best",
-        description="Checkpoint that generates the next round: the latest round's, or the "
-        "promoted one (best held-out accuracy among rounds that did not regress).",
-    )
-
-    def rules(self) -> StopRules:
-        return StopRules(
-            max_rounds=self.max_rounds,
-            patience=self.patience,
-            min_improvement=self.min_improvement,
-            stop_on_regression=self.stop_on_regression,
-            regression_tolerance=self.regression_tolerance,
-        )
 
 
 # --- the decision, from the instance and the round store ----------------------------

@@ -39,6 +39,9 @@ def use_data_dir(data_dir: str) -> RoundStore:
 
 def status_rows(store: RoundStore) -> list[dict]:
     """Per completed round: kept samples, held-out accuracy before -> after, pass@k."""
+    from selfimprove_dagster.evolution import promoted_round
+
+    promoted = promoted_round(store.history()) if store.completed_rounds() else None
     rows = []
     for key in store.completed_rounds():
         scores = store.read(key, "eval_scores").row(0, named=True)
@@ -54,6 +57,9 @@ def status_rows(store: RoundStore) -> list[dict]:
                 "policy": Path(scores["policy"]).name
                 if "/" in scores["policy"]
                 else scores["policy"],
+                "temperature": float(store.read(key, "generations")["temperature"][0]),
+                "balance_score": scores.get("balance_score"),
+                "promoted": key == promoted,
             }
         )
     return rows
@@ -67,15 +73,15 @@ def format_status(rows: list[dict]) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
     lines = [
-        f"{'round':<10} {'policy':<30} {'kept':>5} {'acc before':>10} {'acc after':>10} "
-        f"{'pass@k':>8}"
+        f"{'round':<10} {'policy':<30} {'T':>4} {'kept':>5} {'acc before':>10} "
+        f"{'acc after':>10} {'pass@k':>8}  promoted"
     ]
     for r in rows:
         kept = "-" if r["kept"] is None else str(r["kept"])
         lines.append(
-            f"{r['round']:<10} {r['policy'][:30]:<30} {kept:>5} "
+            f"{r['round']:<10} {r['policy'][:30]:<30} {r['temperature']:>4.2g} {kept:>5} "
             f"{percent(r['accuracy_before']):>10} {percent(r['accuracy_after']):>10} "
-            f"{percent(r['pass_at_k']):>8}"
+            f"{percent(r['pass_at_k']):>8}  {'*' if r['promoted'] else ''}"
         )
     return "\n".join(lines)
 
@@ -148,6 +154,50 @@ def run_failure_message(result) -> str:
     return "the run failed; see the Dagster run log (`make ui`)"
 
 
+def show_lineage(store: RoundStore, target: str, limit: int, as_json: bool) -> str:
+    from selfimprove_dagster import lineage
+    from selfimprove_dagster.storage import ROUND_PATTERN
+
+    if ROUND_PATTERN.match(target):
+        found = lineage.checkpoint_lineage(store, target)
+        if as_json:
+            return json.dumps(found, indent=2, default=str)
+        ckpt, rows = found["checkpoint"], found["trained_on"]
+        lines = [
+            f"checkpoint {ckpt['path']}",
+            f"  trained from {ckpt['trained_from']} (policy {ckpt['policy']})",
+            f"  {ckpt['train_examples']} examples, content hash {ckpt['content_hash'][:16]}, "
+            f"{ckpt['optimizer_steps']} steps, final loss {ckpt['final_loss']:.4f}",
+            f"trained on {len(rows)} filtered rows (first {min(limit, len(rows))}):",
+            f"  {'generation_id':<17} {'round':<10} {'T':>4}  {'policy':<12} completion",
+        ]
+        for r in rows[:limit]:
+            policy = Path(r["policy"]).name if "/" in r["policy"] else r["policy"]
+            lines.append(
+                f"  {r['generation_id']:<17} {r['round']:<10} {r['temperature']:>4.2g}  "
+                f"{policy[:12]:<12} {r['completion'][:40]!r}"
+            )
+        return "\n".join(lines)
+    found = lineage.generation_lineage(store, target)
+    if as_json:
+        return json.dumps(found, indent=2, default=str)
+    g, kept = found["generation"], found["trained_into"]
+    verdicts = ", ".join(
+        f"{c['critic']}: {c['verdict']} ({c['reason']})" for c in found["critiques"]
+    )
+    return "\n".join(
+        [
+            f"generation {g['generation_id']} of {g['round']} (policy {g['policy']}, "
+            f"T={g['temperature']:g})",
+            f"  prompt: {g['prompt']!r}",
+            f"  completion: {g['completion']!r}",
+            f"  critiques: {verdicts or 'none'}",
+            f"  trained into: {kept['checkpoint'] if kept else 'not kept'}",
+            f"  descendant rounds: {', '.join(found['descendant_rounds']) or 'none'}",
+        ]
+    )
+
+
 def start_ui(port: int) -> int:
     """`dagster dev` on 127.0.0.1 over the instance in DAGSTER_HOME (set by `use_data_dir`)."""
     repo = Path(__file__).resolve().parents[1]
@@ -172,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rounds", type=int, default=3, help="rounds to have completed")
     status = commands.add_parser("status", parents=[common], help="one line per completed round")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    lineage = commands.add_parser(
+        "lineage", parents=[common], help="what a checkpoint was trained on / a generation's fate"
+    )
+    lineage.add_argument("target", help="a round key (its checkpoint) or a generation_id")
+    lineage.add_argument("--limit", type=int, default=10, help="rows to print (text mode)")
+    lineage.add_argument("--json", action="store_true", help="machine-readable output")
     ui = commands.add_parser("ui", parents=[common], help="dagster dev on 127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     args = parser.parse_args(argv)
@@ -183,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             rows = status_rows(store)
             print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+            return 0
+        if args.command == "lineage":
+            print(show_lineage(store, args.target, args.limit, args.json))
             return 0
         if args.command == "ui":
             return start_ui(args.port)

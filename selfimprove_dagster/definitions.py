@@ -9,7 +9,9 @@ from __future__ import annotations
 import dagster as dg
 
 from assets import ROUND_ASSETS, ROUND_CHECKS, round_job
+from assets.sensors import EVOLUTION_SCHEDULES, EVOLUTION_SENSORS
 from resources import (
+    EvolutionResource,
     GatesResource,
     GeneratorResource,
     StorageResource,
@@ -24,12 +26,15 @@ def build_definitions() -> dg.Definitions:
         assets=ROUND_ASSETS,
         asset_checks=ROUND_CHECKS,
         jobs=[round_job],
+        sensors=EVOLUTION_SENSORS,
+        schedules=EVOLUTION_SCHEDULES,
         resources={
             "storage": from_env(StorageResource),
             "task": from_env(TaskResource),
             "generator": from_env(GeneratorResource),
             "trainer": from_env(TrainerResource),
             "gates": from_env(GatesResource),
+            "evolution": from_env(EvolutionResource),
         },
         # Steps are heavy (a model load each); a process per step costs seconds on 2 cores.
         executor=dg.in_process_executor,

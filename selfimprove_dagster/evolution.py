@@ -23,7 +23,7 @@ from typing import Any, Literal
 import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.storage import round_index, round_key
+from selfimprove_dagster.storage import RoundStore, previous_round, round_index, round_key
 
 # Float slack: 0.6 - 0.1 is 0.49999999999999994, and "equal" must compare equal.
 EPS = 1e-9
@@ -330,3 +330,49 @@ def _pct(value: Any) -> str:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+# --- what a round runs with: its policy and its sampling temperature ------------------
+
+
+def round_policy(
+    store: RoundStore, round_: str, base_model: str, mode: str = "latest"
+) -> tuple[str, str | None]:
+    """The model that generates `round_`, and the round whose checkpoint it is.
+
+    `latest`: round N−1's checkpoint. `best`: the promoted checkpoint among rounds
+    before N (best held-out accuracy, never a round that regressed), so a bad round is
+    kept for inspection but the loop goes on from the best model. Round 0, and a
+    history where every round regressed, start from the base model. Either way round
+    N−1 must have a checkpoint (`RoundStore.policy_for` refuses otherwise).
+    """
+    latest = store.policy_for(round_, base_model)
+    if mode not in POLICY_MODES:
+        raise SelfImproveError(
+            f"Unknown policy mode `{mode}`", f"use one of: {', '.join(POLICY_MODES)}"
+        )
+    parent = latest[1]
+    if mode == "latest" or parent is None:
+        return latest
+    best = choose_policy(history_through(store.history(), parent), "best")
+    if best is None:
+        return base_model, None
+    return str(store.checkpoint_dir(best).resolve()), best
+
+
+def round_temperature(
+    store: RoundStore, round_: str, default: float, auto: bool
+) -> tuple[float, str]:
+    """The sampling temperature of `round_`, and why.
+
+    With `auto`, B-STaR's rule (`choose_temperature`) moves round N−1's temperature a
+    step along the grid from round N−1's exploration/exploitation monitors.
+    """
+    parent = previous_round(round_)
+    if not auto:
+        return default, f"fixed temperature {default:g}"
+    if parent is None or not store.has(parent, "eval_scores"):
+        return default, f"first round: starting temperature {default:g}"
+    monitors = store.read(parent, "eval_scores").row(0, named=True)
+    previous_temperature = float(store.read(parent, "generations")["temperature"][0])
+    return choose_temperature(monitors, current=previous_temperature)

@@ -115,6 +115,14 @@ class RoundStore:
             )
         return str(self.checkpoint_dir(parent).resolve()), parent
 
+    def generation_policy(self, round_: str) -> tuple[str, str | None]:
+        """The policy that generated `round_` (recorded in its `generations` table), and
+        the round whose checkpoint it is (None for a model outside the data dir)."""
+        policy = self.read(round_, "generations")["policy"][0]
+        path = Path(policy)
+        in_store = path.parent == (self.data_dir / "checkpoints").resolve()
+        return policy, path.name if in_store else None
+
     def completed_rounds(self) -> list[str]:
         """Rounds whose last asset (`eval_scores`) is written, in order."""
         rounds_dir = self.data_dir / "rounds"
