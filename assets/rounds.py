@@ -24,8 +24,18 @@ from resources import (
     TrainerResource,
 )
 from selfimprove_dagster import monitors, star
-from selfimprove_dagster.evaluation import EvalResult, evaluate_policy, previous_accuracy
-from selfimprove_dagster.evolution import round_policy, round_temperature
+from selfimprove_dagster.engines import GenerationEngine
+from selfimprove_dagster.evaluation import (
+    EvalResult,
+    balance_by_temperature,
+    evaluate_policy,
+    previous_accuracy,
+)
+from selfimprove_dagster.evolution import (
+    choose_temperature_from_samples,
+    round_policy,
+    round_temperature,
+)
 from selfimprove_dagster.plots import markdown_image, render_history
 from selfimprove_dagster.storage import RoundStore, round_index
 from selfimprove_dagster.training import train_lora_sft
@@ -244,6 +254,7 @@ def eval_scores(
     generator: GeneratorResource,
     task: TaskResource,
     trainer: TrainerResource,
+    evolution: EvolutionResource,
 ) -> dg.MaterializeResult:
     """Held-out scores of the round's checkpoint (greedy accuracy, pass@k) next to the
     accuracy of the policy that generated the round (before -> after), with the round's
@@ -253,7 +264,8 @@ def eval_scores(
     pass_at_k, k, n_eval, kept, kept_fraction, train_pass_at_k,
     train_distinct_correct_per_prompt, train_answer_diversity, train_solved_fraction,
     selection_precision, selection_recall, critic_precision, critic_recall,
-    balance_score, eval_seconds. Per-prompt rows go to table `eval_details`.
+    balance_score, next_temperature, next_temperature_reason (with auto_temperature),
+    eval_seconds. Per-prompt rows go to table `eval_details`.
     """
     store, round_ = storage.store(), context.partition_key
     policy, parent = store.generation_policy(round_)
@@ -261,26 +273,33 @@ def eval_scores(
     sampling = generator.sampling(round_index(round_))
     started = time.monotonic()
 
-    def score(model_ref: str, k: int) -> EvalResult:
-        engine = generator.load(model_ref, store.models_dir)
-        try:
-            return evaluate_policy(
-                engine,
-                eval_set,
-                max_new_tokens=generator.max_new_tokens,
-                k=k,
-                sampling=sampling,
-                pass_at_k_prompts=task.pass_at_k_prompts,
-                log=context.log.info,
-            )
-        finally:
-            engine.close()
+    def score(engine: GenerationEngine, k: int) -> EvalResult:
+        return evaluate_policy(
+            engine,
+            eval_set,
+            max_new_tokens=generator.max_new_tokens,
+            k=k,
+            sampling=sampling,
+            pass_at_k_prompts=task.pass_at_k_prompts,
+            log=context.log.info,
+        )
 
-    after = score(str(store.checkpoint_dir(round_)), task.eval_samples_per_prompt)
+    engine = generator.load(str(store.checkpoint_dir(round_)), store.models_dir)
+    try:
+        after = score(engine, task.eval_samples_per_prompt)
+        tuning = tune_next_temperature(
+            engine, store, round_, generator, trainer, evolution, context
+        )
+    finally:
+        engine.close()
     before = previous_accuracy(store, parent, eval_set)
     if before is None:  # round 0, or the held-out set changed: measure the policy now
         context.log.info(f"{round_}: scoring the policy {policy} on the held-out set")
-        before = score(policy, 0).accuracy
+        policy_engine = generator.load(policy, store.models_dir)
+        try:
+            before = score(policy_engine, 0).accuracy
+        finally:
+            policy_engine.close()
     row = {
         "round": round_,
         "checkpoint": str(store.checkpoint_dir(round_)),
@@ -291,6 +310,7 @@ def eval_scores(
         "k": after.k,
         "n_eval": eval_set.height,
         **round_health(store, round_, generator.samples_per_prompt, trainer.max_per_prompt),
+        **tuning,
         "eval_seconds": round(time.monotonic() - started, 1),
     }
     _save(context, store, "eval_details", after.details.with_columns(round=pl.lit(round_)))
@@ -310,6 +330,28 @@ def eval_scores(
             ),
         }
     )
+
+
+def tune_next_temperature(engine, store, round_, generator, trainer, evolution, context) -> dict:
+    """With auto_temperature: the next round's temperature, B-STaR style (the grid
+    temperature whose balance score is highest for the new checkpoint)."""
+    if not evolution.auto_temperature:
+        return {}
+    train_set = star.train_prompts(store.read(round_, "prompts")).head(evolution.tuning_prompts)
+    balance = balance_by_temperature(
+        engine,
+        train_set,
+        round_,
+        generator.samples_per_prompt,
+        generator.sampling(round_index(round_)),
+        evolution.temperature_grid,
+        trainer.max_per_prompt,
+        log=context.log.info,
+    )
+    current = float(store.read(round_, "generations")["temperature"][0])
+    temperature, reason = choose_temperature_from_samples(balance, current=current)
+    context.log.info(f"{round_}: next round's temperature: {reason}")
+    return {"next_temperature": temperature, "next_temperature_reason": reason}
 
 
 HISTORY_COLUMNS = ["round", "kept", "accuracy_before", "accuracy_after", "pass_at_k"]

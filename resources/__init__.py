@@ -33,7 +33,9 @@ def from_env(cls: type[R], **fixed: object) -> R:
     for name in cls.model_fields:
         raw = os.environ.get(ENV_PREFIX + name.upper())
         if raw is not None and raw != "":
-            values[name] = raw  # pydantic coerces "3" -> 3, "0.8" -> 0.8, "true" -> True
+            # pydantic coerces "3" -> 3, "0.8" -> 0.8, "true" -> True; lists are "0.6,0.8".
+            is_list = getattr(cls.model_fields[name].annotation, "__origin__", None) is list
+            values[name] = raw.split(",") if is_list else raw
     values.update(fixed)
     try:
         return cls(**values)
@@ -210,6 +212,13 @@ class EvolutionResource(dg.ConfigurableResource):
         default=False,
         description="B-STaR: pick each round's sampling temperature from the previous "
         "round's monitors (exploration vs exploitation) instead of a fixed one.",
+    )
+    temperature_grid: list[float] = Field(
+        default=[0.6, 0.8, 1.0, 1.2],
+        description="Temperatures auto_temperature compares (balance score at each).",
+    )
+    tuning_prompts: int = Field(
+        default=50, description="Train prompts sampled per grid temperature when tuning."
     )
 
     def rules(self) -> StopRules:

@@ -84,3 +84,30 @@ def previous_accuracy(
     if sorted(previous["prompt_id"]) != sorted(eval_set["prompt_id"]):
         return None
     return float(previous["greedy_correct"].mean())
+
+
+def balance_by_temperature(
+    engine: GenerationEngine,
+    train_set: pl.DataFrame,
+    round_: str,
+    k: int,
+    sampling: Sampling,
+    grid: list[float],
+    max_per_prompt: int,
+    log: LogFn | None = None,
+) -> dict[float, float]:
+    """B-STaR's configuration search: the balance score of the round's filter at each
+    temperature of `grid`, measured by sampling k answers per prompt of `train_set`
+    with `engine` (the new checkpoint, i.e. the next round's policy)."""
+    from dataclasses import replace
+
+    from selfimprove_dagster import monitors, star
+
+    scores: dict[float, float] = {}
+    for temperature in grid:
+        at = replace(sampling, temperature=temperature)
+        generated = star.sample_generations(engine, train_set, round_, k, at, log=log)
+        critiques = star.critique_generations(generated, train_set)
+        kept = star.filter_accepted(generated, critiques, max_per_prompt)
+        scores[temperature] = monitors.balance_score(critiques, kept, target=max_per_prompt)
+    return scores

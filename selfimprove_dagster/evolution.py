@@ -365,8 +365,10 @@ def round_temperature(
 ) -> tuple[float, str]:
     """The sampling temperature of `round_`, and why.
 
-    With `auto`, B-STaR's rule (`choose_temperature`) moves round N−1's temperature a
-    step along the grid from round N−1's exploration/exploitation monitors.
+    With `auto`, round N−1's `eval_scores` measured the balance score of its new
+    checkpoint at each temperature of the grid (`evaluation.balance_by_temperature`)
+    and chose the argmax; without that measurement (it was off then), B-STaR's step
+    rule (`choose_temperature`) moves round N−1's temperature from its monitors.
     """
     parent = previous_round(round_)
     if not auto:
@@ -374,5 +376,7 @@ def round_temperature(
     if parent is None or not store.has(parent, "eval_scores"):
         return default, f"first round: starting temperature {default:g}"
     monitors = store.read(parent, "eval_scores").row(0, named=True)
+    if monitors.get("next_temperature") is not None:
+        return float(monitors["next_temperature"]), monitors["next_temperature_reason"]
     previous_temperature = float(store.read(parent, "generations")["temperature"][0])
     return choose_temperature(monitors, current=previous_temperature)

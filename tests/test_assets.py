@@ -265,3 +265,24 @@ def test_lineage_of_unknown_ids_names_the_fix(two_rounds):
         lineage.generation_lineage(store, "nope")
     with pytest.raises(SelfImproveError, match="round_009 has no checkpoint"):
         lineage.checkpoint_lineage(store, "round_009")
+
+
+def test_auto_temperature_measures_the_grid_and_sets_the_next_round(tiny_model, tmp_path):
+    from selfimprove_dagster.evolution import round_temperature
+
+    resources = _resources(tmp_path, tiny_model)
+    resources["evolution"] = EvolutionResource(
+        auto_temperature=True, temperature_grid=[0.6, 1.0], tuning_prompts=4
+    )
+    result = _materialize("round_000", resources, dg.DagsterInstance.ephemeral())
+    assert result.success
+    store = RoundStore(tmp_path)
+    row = store.read("round_000", "eval_scores").row(0, named=True)
+    # The scripted engine ignores temperature: a tie, broken towards the lower one.
+    assert row["next_temperature"] == 0.6
+    assert "T=0.6: " in row["next_temperature_reason"]
+    assert "T=1: " in row["next_temperature_reason"]
+    assert round_temperature(store, "round_001", 0.8, auto=True) == (
+        0.6,
+        row["next_temperature_reason"],
+    )

@@ -58,3 +58,10 @@ def test_env_override_of_the_wrong_type_names_the_variable(monkeypatch):
     monkeypatch.setenv("SELFIMPROVE_N_TRAIN", "many")
     with pytest.raises(SelfImproveError, match="SELFIMPROVE_N_TRAIN='many'"):
         from_env(TaskResource)
+
+
+def test_env_override_of_a_list_field(monkeypatch):
+    from resources import EvolutionResource, from_env
+
+    monkeypatch.setenv("SELFIMPROVE_TEMPERATURE_GRID", "0.5,0.7")
+    assert from_env(EvolutionResource).temperature_grid == [0.5, 0.7]

@@ -64,6 +64,12 @@ def test_two_real_rounds_from_the_cli(models_dir, tmp_path, monkeypatch, capsys)
     assert lineage, "round_001 kept no samples"
     assert all(policy.endswith("checkpoints/round_000") for policy, *_ in lineage)
 
+    # `selfimprove lineage`: what round_001's checkpoint was trained on.
+    assert cli.main(["--data-dir", str(data_dir), "lineage", "round_001", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert len(found["trained_on"]) == len(lineage)
+    assert {r["round"] for r in found["trained_on"]} == {"round_001"}
+
     # The Dagster instance saw both runs (what `make ui` shows).
     import dagster as dg
 
