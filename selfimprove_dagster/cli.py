@@ -137,20 +137,20 @@ def preflight(defs, store: RoundStore) -> None:
 
 
 def run_failure_message(result) -> str:
-    """The user-facing reason a round failed: a SelfImproveError or a failed gate."""
+    """The user-facing reason a round failed: a failed gate, or a SelfImproveError."""
+    from dagster import AssetCheckSeverity
+
+    for evaluation in result.get_asset_check_evaluations():
+        if not evaluation.passed and evaluation.severity == AssetCheckSeverity.ERROR:
+            return f"gate {evaluation.check_name} failed: {evaluation.description}"
     for event in result.all_events:
         if event.is_step_failure:
             error = event.step_failure_data.error
             while error.cause is not None and "Fix:" not in error.message:
                 error = error.cause
-            return (
-                error.message.strip().splitlines()[-1]
-                if "Fix:" in error.message
-                else (error.to_string())
-            )
-    for evaluation in result.get_asset_check_evaluations():
-        if not evaluation.passed:
-            return f"gate {evaluation.check_name} failed: {evaluation.description}"
+            if "Fix:" in error.message:
+                return error.message.strip().splitlines()[-1]
+            return error.to_string()
     return "the run failed; see the Dagster run log (`make ui`)"
 
 

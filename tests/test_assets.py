@@ -220,6 +220,10 @@ def test_contaminated_prompt_blocks_training(tiny_model, tmp_path):
     assert not evaluation.passed
     offending = evaluation.metadata["contaminated_prompts"].value
     assert offending[0]["prompt"] == "what is 23 + 45 ?"
+    from selfimprove_dagster.cli import run_failure_message
+
+    message = run_failure_message(result)  # what `selfimprove run` prints
+    assert message.startswith("gate check_no_contamination_filtered failed:")
     assert not RoundStore(tmp_path).has_checkpoint("round_000")
 
 
