@@ -33,6 +33,7 @@ from selfimprove_dagster.evaluation import (
 )
 from selfimprove_dagster.evolution import (
     choose_temperature_from_samples,
+    promoted_round,
     round_policy,
     round_temperature,
 )
@@ -316,6 +317,8 @@ def eval_scores(
     _save(context, store, "eval_details", after.details.with_columns(round=pl.lit(round_)))
     _save(context, store, "eval_scores", pl.DataFrame([row]))
     history = store.history()
+    promoted = record_promoted_policy(store, history)
+    context.log.info(store.refresh_catalog())
     plot = render_history(history, store.data_dir / "plots" / "history.png")
     context.log.info(f"{round_}: held-out accuracy {before:.1%} -> {after.accuracy:.1%}")
     return dg.MaterializeResult(
@@ -324,6 +327,7 @@ def eval_scores(
             "accuracy_delta": after.accuracy - before,
             "policy_checkpoint": policy,
             "parent_round": parent or "none (base model)",
+            "promoted_round": promoted or "none (every round regressed)",
             "history": dg.MetadataValue.md(markdown_image(plot)),
             "history_table": dg.MetadataValue.md(
                 history.select(HISTORY_COLUMNS).to_pandas().to_markdown(index=False)
@@ -352,6 +356,21 @@ def tune_next_temperature(engine, store, round_, generator, trainer, evolution, 
     temperature, reason = choose_temperature_from_samples(balance, current=current)
     context.log.info(f"{round_}: next round's temperature: {reason}")
     return {"next_temperature": temperature, "next_temperature_reason": reason}
+
+
+def record_promoted_policy(store: RoundStore, history: pl.DataFrame) -> str | None:
+    """Point the `promoted_policy` record at the best non-regressed checkpoint so far."""
+    promoted = promoted_round(history)
+    if promoted is not None:
+        best = history.filter(pl.col("round") == promoted).row(0, named=True)
+        record = {
+            "round": promoted,
+            "checkpoint": best["checkpoint"],
+            "accuracy": best["accuracy_after"],
+            "decided_after": history["round"].max(),
+        }
+        store.write_promoted(pl.DataFrame([record]))
+    return promoted
 
 
 HISTORY_COLUMNS = ["round", "kept", "accuracy_before", "accuracy_after", "pass_at_k"]

@@ -37,11 +37,29 @@ def use_data_dir(data_dir: str) -> RoundStore:
     return store
 
 
+def gate_summaries(rounds: list[str]) -> dict[str, str]:
+    """Per round, its blocking gates from the Dagster instance: "ok", or the failed ones."""
+    import dagster as dg
+
+    from assets.sensors import blocking_check_keys, gate_results
+    from selfimprove_dagster.definitions import build_definitions
+
+    instance = dg.DagsterInstance.get()
+    keys = blocking_check_keys(build_definitions().get_repository_def())
+    summaries = {}
+    for key in rounds:
+        gates = gate_results(instance, key, keys)
+        bad = gates.failed + [f"{name} (not run)" for name in gates.not_run]
+        summaries[key] = "failed: " + ", ".join(bad) if bad else f"ok ({len(keys)})"
+    return summaries
+
+
 def status_rows(store: RoundStore) -> list[dict]:
     """Per completed round: kept samples, held-out accuracy before -> after, pass@k."""
     from selfimprove_dagster.evolution import promoted_round
 
     promoted = promoted_round(store.history()) if store.completed_rounds() else None
+    gates = gate_summaries(store.completed_rounds())
     rows = []
     for key in store.completed_rounds():
         scores = store.read(key, "eval_scores").row(0, named=True)
@@ -60,6 +78,7 @@ def status_rows(store: RoundStore) -> list[dict]:
                 "temperature": float(store.read(key, "generations")["temperature"][0]),
                 "balance_score": scores.get("balance_score"),
                 "promoted": key == promoted,
+                "gates": gates[key],
             }
         )
     return rows
@@ -74,14 +93,14 @@ def format_status(rows: list[dict]) -> str:
 
     lines = [
         f"{'round':<10} {'policy':<30} {'T':>4} {'kept':>5} {'acc before':>10} "
-        f"{'acc after':>10} {'pass@k':>8}  promoted"
+        f"{'acc after':>10} {'pass@k':>8} {'promoted':>8}  gates"
     ]
     for r in rows:
         kept = "-" if r["kept"] is None else str(r["kept"])
         lines.append(
             f"{r['round']:<10} {r['policy'][:30]:<30} {r['temperature']:>4.2g} {kept:>5} "
             f"{percent(r['accuracy_before']):>10} {percent(r['accuracy_after']):>10} "
-            f"{percent(r['pass_at_k']):>8}  {'*' if r['promoted'] else ''}"
+            f"{percent(r['pass_at_k']):>8} {'*' if r['promoted'] else '':>8}  {r['gates']}"
         )
     return "\n".join(lines)
 

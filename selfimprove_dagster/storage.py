@@ -52,6 +52,15 @@ def previous_round(key: str) -> str | None:
     return round_key(index - 1) if index > 0 else None
 
 
+def _write_atomic(path: Path, frame: pl.DataFrame) -> Path:
+    """Write to a temporary file and rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 @dataclass(frozen=True)
 class RoundStore:
     """Paths and atomic reads/writes for round artifacts under `data_dir`."""
@@ -72,14 +81,17 @@ class RoundStore:
     def checkpoint_dir(self, round_: str) -> Path:
         return self.data_dir / "checkpoints" / round_
 
+    @property
+    def promoted_path(self) -> Path:
+        return self.data_dir / "promoted_policy.parquet"
+
     def write(self, round_: str, table: str, frame: pl.DataFrame) -> Path:
         """Write a round's table atomically (temporary file, then rename)."""
-        path = self.table_path(round_, table)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        frame.write_parquet(tmp)
-        os.replace(tmp, path)
-        return path
+        return _write_atomic(self.table_path(round_, table), frame)
+
+    def write_promoted(self, frame: pl.DataFrame) -> Path:
+        """The promoted-policy record (one row), replaced atomically."""
+        return _write_atomic(self.promoted_path, frame)
 
     def read(self, round_: str, table: str) -> pl.DataFrame:
         path = self.table_path(round_, table)
@@ -162,4 +174,9 @@ class RoundStore:
                     )
                 else:
                     con.execute(f"DROP VIEW IF EXISTS {table}")
+            if self.promoted_path.is_file():
+                con.execute(
+                    "CREATE OR REPLACE VIEW promoted_policy AS SELECT * FROM "
+                    f"read_parquet('{self.promoted_path.resolve()}')"
+                )
         return f"catalog refreshed: {self.catalog_path}"

@@ -290,3 +290,11 @@ def test_auto_temperature_measures_the_grid_and_sets_the_next_round(tiny_model, 
         0.6,
         row["next_temperature_reason"],
     )
+
+
+def test_promoted_policy_record_points_at_the_best_round(two_rounds):
+    store, _, _ = two_rounds
+    with duckdb.connect(str(store.catalog_path), read_only=True) as con:
+        promoted = con.execute("SELECT round, checkpoint FROM promoted_policy").fetchall()
+    # Both rounds score 50% (the scripted engine): a tie goes to the earliest round.
+    assert promoted == [("round_000", str(store.checkpoint_dir("round_000")))]

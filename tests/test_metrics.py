@@ -57,3 +57,10 @@ def test_training_gate_catches_nan_loss_and_missing_steps():
     assert not quality.gate_training_ran(
         {"optimizer_steps": 2, "planned_steps": 4, "final_loss": 0.3}
     ).passed
+
+
+def test_generates_gate_both_ways():
+    assert quality.gate_generates("What is 1 + 1?", "2", 2).passed
+    failed = quality.gate_generates("What is 1 + 1?", "  ", 0)  # planted: empty output
+    assert not failed.passed and "generated nothing" in failed.message
+    assert failed.details == {"prompt": "What is 1 + 1?", "completion": "  "}
