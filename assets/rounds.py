@@ -89,8 +89,9 @@ def generations(
     generator: GeneratorResource,
     evolution: EvolutionResource,
 ) -> dg.MaterializeResult:
-    """k sampled completions per train prompt from the round's policy (round N−1's
-    checkpoint; the base model in round 0).
+    """k sampled completions per train prompt from the round's policy: the promoted
+    checkpoint so far (`policy=best`) or round N−1's (`policy=latest`); the base model
+    in round 0. `parent_round` in the metadata is the round whose checkpoint it is.
 
     Columns: round, generation_id, prompt_id, sample_index, prompt, completion,
     prompt_tokens, completion_tokens, finish_reason, policy, temperature, top_p, top_k,
