@@ -185,6 +185,16 @@ def _wait(reason: str) -> RoundPlan:
 # --- Dagster definitions ------------------------------------------------------------
 
 
+def _plan(context, storage: StorageResource, evolution: EvolutionResource) -> RoundPlan:
+    """The decision of a sensor or schedule tick, from its instance and code location."""
+    return plan_next_round(
+        context.instance,
+        storage.store(),
+        evolution.rules(),
+        blocking_check_keys(context.repository_def),
+    )
+
+
 @dg.sensor(
     job_name=ROUND_JOB,
     minimum_interval_seconds=30,
@@ -198,12 +208,7 @@ def next_round_sensor(
     """One SensorResult adds the partition and requests its run, so the run never
     targets a partition that does not exist yet. The cursor is the last requested
     round, so a tick before the daemon applied the request does not repeat it."""
-    plan = plan_next_round(
-        context.instance,
-        storage.store(),
-        evolution.rules(),
-        blocking_check_keys(context.repository_def),
-    )
+    plan = _plan(context, storage, evolution)
     decision = plan.decision
     if not decision.proceed or decision.next_round is None:
         return dg.SkipReason(decision.reason)
@@ -232,12 +237,7 @@ def round_schedule(
     """Schedules cannot return dynamic-partition requests, so the partition is added
     here, just before its run is requested (a partition without a run is picked up as
     the next round on a later tick)."""
-    plan = plan_next_round(
-        context.instance,
-        storage.store(),
-        evolution.rules(),
-        blocking_check_keys(context.repository_def),
-    )
+    plan = _plan(context, storage, evolution)
     decision = plan.decision
     if not decision.proceed or decision.next_round is None:
         return dg.SkipReason(decision.reason)
