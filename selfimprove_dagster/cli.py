@@ -57,6 +57,7 @@ def gate_summaries(rounds: list[str]) -> dict[str, str]:
 def status_rows(store: RoundStore) -> list[dict]:
     """Per completed round: kept samples, held-out accuracy before -> after, pass@k."""
     from selfimprove_dagster.evolution import promoted_round
+    from selfimprove_dagster.prompt_sources import prompt_status
 
     promoted = promoted_round(store.history()) if store.completed_rounds() else None
     gates = gate_summaries(store.completed_rounds())
@@ -79,6 +80,7 @@ def status_rows(store: RoundStore) -> list[dict]:
                 "balance_score": scores.get("balance_score"),
                 "promoted": key == promoted,
                 "gates": gates[key],
+                **prompt_status(store, key),  # curriculum band, synthesized prompts
             }
         )
     return rows
@@ -91,16 +93,29 @@ def format_status(rows: list[dict]) -> str:
     def percent(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
+    # Prompt-source columns only when a round has them (curriculum band, synthesized).
+    bands = any(r.get("band") is not None for r in rows)
+    synth = any(r.get("synthesized") is not None for r in rows)
     lines = [
         f"{'round':<10} {'policy':<30} {'T':>4} {'kept':>5} {'acc before':>10} "
-        f"{'acc after':>10} {'pass@k':>8} {'promoted':>8}  gates"
+        f"{'acc after':>10} {'pass@k':>8} {'promoted':>8}"
+        + (f" {'band (solve rate)':>17}" if bands else "")
+        + (f" {'synth':>5}" if synth else "")
+        + "  gates"
     ]
     for r in rows:
         kept = "-" if r["kept"] is None else str(r["kept"])
+        band = "-" if r.get("band") is None else str(r["band"])
+        if r.get("band_solve_rate") is not None:
+            band += f" ({r['band_solve_rate']:.2f})"
+        synthesized = "-" if r.get("synthesized") is None else str(r["synthesized"])
         lines.append(
             f"{r['round']:<10} {r['policy'][:30]:<30} {r['temperature']:>4.2g} {kept:>5} "
             f"{percent(r['accuracy_before']):>10} {percent(r['accuracy_after']):>10} "
-            f"{percent(r['pass_at_k']):>8} {'*' if r['promoted'] else '':>8}  {r['gates']}"
+            f"{percent(r['pass_at_k']):>8} {'*' if r['promoted'] else '':>8}"
+            + (f" {band:>17}" if bands else "")
+            + (f" {synthesized:>5}" if synth else "")
+            + f"  {r['gates']}"
         )
     return "\n".join(lines)
 
@@ -153,6 +168,7 @@ def preflight(defs, store: RoundStore) -> None:
             f"Unknown generation engine `{generator.engine}`", f"use one of: {', '.join(ENGINES)}"
         )
     trainer.trained_from(generator.base_model, generator.base_model)  # checks `init`
+    resources["method"].recipe()  # checks `method`
 
 
 def run_failure_message(result) -> str:
@@ -200,9 +216,18 @@ def show_lineage(store: RoundStore, target: str, limit: int, as_json: bool) -> s
     found = lineage.generation_lineage(store, target)
     if as_json:
         return json.dumps(found, indent=2, default=str)
-    g, kept = found["generation"], found["trained_into"]
+    g, kept, refined = found["generation"], found["trained_into"], found["refinement"]
     verdicts = ", ".join(
         f"{c['critic']}: {c['verdict']} ({c['reason']})" for c in found["critiques"]
+    )
+    refinement = (
+        [
+            f"  refined into {refined['generation_id']} after feedback "
+            f"({refined['feedback_source']}): {refined['feedback'][:60]!r}",
+            f"  refined completion: {refined['completion']!r}",
+        ]
+        if refined
+        else []
     )
     return "\n".join(
         [
@@ -210,6 +235,7 @@ def show_lineage(store: RoundStore, target: str, limit: int, as_json: bool) -> s
             f"T={g['temperature']:g})",
             f"  prompt: {g['prompt']!r}",
             f"  completion: {g['completion']!r}",
+            *refinement,
             f"  critiques: {verdicts or 'none'}",
             f"  trained into: {kept['checkpoint'] if kept else 'not kept'}",
             f"  descendant rounds: {', '.join(found['descendant_rounds']) or 'none'}",

@@ -14,14 +14,35 @@ from resources import (
     EvolutionResource,
     GatesResource,
     GeneratorResource,
+    MethodResource,
     StorageResource,
     TaskResource,
     TrainerResource,
     from_env,
 )
+from selfimprove_dagster.profiles import Profile, active_profile
+
+
+def executor_for(profile: Profile) -> dg.ExecutorDefinition:
+    """The profile's executor: in-process, or dagster-k8s's k8s_job_executor (a pod per
+    step, per-asset resources from `per_step_k8s_config`; extra `[cluster]`)."""
+    if profile.executor == "k8s":
+        try:
+            from dagster_k8s import k8s_job_executor
+        except ImportError:
+            from selfimprove_dagster.errors import SelfImproveError
+
+            raise SelfImproveError(
+                "The cluster profile needs dagster-k8s and dagster-postgres",
+                "pip install -e '.[cluster]' (`make install` does)",
+            ) from None
+        return k8s_job_executor.configured(dict(profile.k8s_executor_config))
+    # Steps are heavy (a model load each); a process per step costs seconds on 2 cores.
+    return dg.in_process_executor
 
 
 def build_definitions() -> dg.Definitions:
+    profile = active_profile()  # SELFIMPROVE_PROFILE: local (default), gpu, cluster
     return dg.Definitions(
         assets=ROUND_ASSETS,
         asset_checks=ROUND_CHECKS,
@@ -29,15 +50,15 @@ def build_definitions() -> dg.Definitions:
         sensors=EVOLUTION_SENSORS,
         schedules=EVOLUTION_SCHEDULES,
         resources={
-            "storage": from_env(StorageResource),
+            "storage": from_env(StorageResource, **profile.resource_defaults("storage")),
             "task": from_env(TaskResource),
-            "generator": from_env(GeneratorResource),
-            "trainer": from_env(TrainerResource),
+            "generator": from_env(GeneratorResource, **profile.resource_defaults("generator")),
+            "trainer": from_env(TrainerResource, **profile.resource_defaults("trainer")),
+            "method": from_env(MethodResource),
             "gates": from_env(GatesResource),
             "evolution": from_env(EvolutionResource),
         },
-        # Steps are heavy (a model load each); a process per step costs seconds on 2 cores.
-        executor=dg.in_process_executor,
+        executor=executor_for(profile),
     )
 
 

@@ -2,6 +2,7 @@
 
 - `prompt_id`: hash of the prompt text, identical in every round that uses it.
 - `generation_id`: hash of (round, prompt_id, sample index), unique per sample.
+- refined answers (Self-Refine) get an id derived from the sample they rewrite.
 - `content_hash`: hash of a table's rows, recorded in the checkpoint manifest so a
   checkpoint names exactly the filtered set it was trained on.
 """
@@ -25,6 +26,11 @@ def prompt_id(prompt: str) -> str:
 def generation_id(round_key: str, prompt_id_: str, sample_index: int) -> str:
     """Id of one sampled completion: (round, prompt, sample index) is unique."""
     return _digest(f"generation\x00{round_key}\x00{prompt_id_}\x00{sample_index}")
+
+
+def refined_generation_id(parent_generation_id: str) -> str:
+    """Id of a refined answer: derived from the sample it rewrites (one refinement each)."""
+    return _digest(f"refined\x00{parent_generation_id}")
 
 
 def content_hash(rows: Iterable[dict]) -> str:

@@ -40,12 +40,17 @@ def checkpoint_lineage(store: RoundStore, round_: str) -> dict[str, Any]:
             raise SelfImproveError(
                 f"{round_} has no checkpoint in the catalog", "materialize the round first"
             )
+        # A refined row (Self-Refine) descends from the sample it rewrote.
         trained_on = _rows(
             con,
-            """
+            f"""
             SELECT f.generation_id, g.round, g.policy, g.temperature, g.top_p, g.top_k,
-                   g.seed, f.source, f.prompt_id, f.prompt, f.completion
-            FROM filtered f JOIN generations g USING (generation_id)
+                   g.seed, f.source, r.parent_generation_id AS refined_from, r.feedback,
+                   f.prompt_id, f.prompt, f.completion
+            FROM filtered f
+            LEFT JOIN {_refinements(con)} r USING (generation_id)
+            JOIN generations g
+              ON g.generation_id = coalesce(r.parent_generation_id, f.generation_id)
             WHERE f.round = ?
             ORDER BY f.prompt_id, f.generation_id
             """,
@@ -56,9 +61,16 @@ def checkpoint_lineage(store: RoundStore, round_: str) -> dict[str, Any]:
 
 def generation_lineage(store: RoundStore, generation_id: str) -> dict[str, Any]:
     """A generation, its critique, whether it was kept, the checkpoint trained on it,
-    and the later rounds whose policy descends from that checkpoint."""
+    and the later rounds whose policy descends from that checkpoint. A refined answer's
+    id gives its refinement (feedback, original answer) and the sample it rewrote."""
     with _connect(store) as con:
-        generation = _rows(con, "SELECT * FROM generations WHERE generation_id = ?", generation_id)
+        refinement = _rows(
+            con,
+            f"SELECT * FROM {_refinements(con)} WHERE generation_id = ?",
+            generation_id,
+        )
+        sampled_id = refinement[0]["parent_generation_id"] if refinement else generation_id
+        generation = _rows(con, "SELECT * FROM generations WHERE generation_id = ?", sampled_id)
         if not generation:
             raise SelfImproveError(
                 f"No generation `{generation_id}` in the catalog",
@@ -77,10 +89,22 @@ def generation_lineage(store: RoundStore, generation_id: str) -> dict[str, Any]:
         descendants = _descendant_rounds(con, kept[0]["checkpoint"]) if kept else []
     return {
         "generation": generation[0],
+        "refinement": refinement[0] if refinement else None,
         "critiques": critiques,
         "trained_into": kept[0] if kept else None,
         "descendant_rounds": descendants,
     }
+
+
+def _refinements(con) -> str:
+    """The `refinements` view, or an empty stand-in before any round refined."""
+    views = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    if "refinements" in views:
+        return "refinements"
+    return (
+        "(SELECT NULL::VARCHAR AS generation_id, NULL::VARCHAR AS parent_generation_id, "
+        "NULL::VARCHAR AS feedback WHERE false)"
+    )
 
 
 def _descendant_rounds(con, checkpoint: str | None) -> list[str]:

@@ -166,3 +166,48 @@ def load_model(ref: str, models_dir: Path):
     import torch
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def checkpoint_chain_key(checkpoint_dir: Path, models_dir: Path) -> str:
+    """A hash of a checkpoint's adapter weights and everything under it, down to the
+    base model: equal keys mean equal merged weights."""
+    import hashlib
+
+    parent = trained_from(checkpoint_dir)
+    parent_path = Path(parent).expanduser()
+    under = (
+        checkpoint_chain_key(parent_path, models_dir)
+        if is_checkpoint(parent_path)
+        else resolve_model_folder(parent, models_dir)
+    )
+    weights = sorted(checkpoint_dir.glob("adapter_model.*"))
+    parts = [under, *(file_sha256(str(w)) for w in weights)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def merged_model_folder(ref: str, models_dir: Path, log=print) -> Path:
+    """A plain Hugging Face folder holding `ref`'s full weights, for engines that load
+    weights from disk themselves (vLLM; LoRA on vLLM's CPU build disables compilation).
+
+    A non-checkpoint reference resolves as usual. A checkpoint's adapter chain is merged
+    once (see `load_model`) into `<models_dir>/merged/<round>-<chain key>/`, keyed by the
+    adapter weights down to the base model, so a re-trained round never reuses a stale
+    merge. Written to a temporary folder and renamed (never half-written).
+    """
+    path = Path(ref).expanduser()
+    if not is_checkpoint(path):
+        return Path(resolve_model_folder(ref, models_dir))
+    key = checkpoint_chain_key(path.resolve(), models_dir)[:16]
+    folder = models_dir / "merged" / f"{path.name}-{key}"
+    if (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        return folder
+    log(f"Merging checkpoint {path} into a full model folder at {folder} (once)")
+    import os
+
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    load_model(ref, models_dir).save_pretrained(tmp)
+    load_tokenizer(ref, models_dir).save_pretrained(tmp)  # the checkpoint's chat template
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder

@@ -244,3 +244,20 @@ def gate_generates(prompt: str, text: str, completion_tokens: int) -> GateResult
         "learning rate of this round; rematerialize `checkpoint`"
     )
     return GateResult(passed, completion_tokens, 1, message, {"prompt": prompt, "completion": text})
+
+
+def gate_critic_readable(critiques: pl.DataFrame, max_unscored: float) -> GateResult:
+    """WARN signal: the critic left too many generations without a score (a judge
+    whose replies had no readable score). Critics that always score pass."""
+    rows = critiques.height
+    unscored = int(critiques["score"].is_null().sum()) if rows else 0
+    share = unscored / rows if rows else 0.0
+    passed = share <= max_unscored
+    message = (
+        f"{unscored} of {rows} generations unscored ({share:.0%}, at most {max_unscored:.0%})"
+        if passed
+        else f"The critic left {unscored} of {rows} generations without a score ({share:.0%}, "
+        f"more than {max_unscored:.0%}): they take no part in pairs or acceptance. Fix: raise "
+        "judge_samples or judge_max_new_tokens, or use a stronger policy as the judge"
+    )
+    return GateResult(passed, share, max_unscored, message, {"unscored": unscored})

@@ -14,7 +14,7 @@ import polars as pl
 from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
 from selfimprove_dagster.ids import content_hash, generation_id
 from selfimprove_dagster.progress import LogFn
-from selfimprove_dagster.verify import verify
+from selfimprove_dagster.verify import Verdict, verify
 
 
 def train_prompts(prompts: pl.DataFrame) -> pl.DataFrame:
@@ -77,7 +77,7 @@ def critique_generations(generations: pl.DataFrame, prompts: pl.DataFrame) -> pl
     """The verifier's verdict on every generation.
 
     Rows: round, generation_id, prompt_id, critic, verdict (accept/reject), correct,
-    extracted_answer, reference_answer, reason, score.
+    extracted_answer, reference_answer, reason, score, critique (the verdict in words).
     """
     answers = dict(zip(prompts["prompt_id"], prompts["answer"], strict=True))
     rows = []
@@ -96,6 +96,7 @@ def critique_generations(generations: pl.DataFrame, prompts: pl.DataFrame) -> pl
                 "reference_answer": reference,
                 "reason": verdict.reason,
                 "score": 1.0 if verdict.correct else 0.0,
+                "critique": verifier_message(verdict, reference),
             }
         )
     return pl.DataFrame(
@@ -103,35 +104,45 @@ def critique_generations(generations: pl.DataFrame, prompts: pl.DataFrame) -> pl
     )
 
 
+def verifier_message(verdict: Verdict, reference: object) -> str:
+    """The verifier's verdict in words (what a person reading the critique row sees)."""
+    if verdict.extracted is None:
+        return f"no final number found; reference {reference}"
+    relation = "matches" if verdict.correct else "does not match"
+    return f"answer {verdict.extracted} {relation} the reference {reference}"
+
+
 def filter_accepted(
-    generations: pl.DataFrame, critiques: pl.DataFrame, max_per_prompt: int
+    generations: pl.DataFrame,
+    critiques: pl.DataFrame,
+    max_per_prompt: int,
+    refinements: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Accepted samples, deduplicated per prompt, at most `max_per_prompt` per prompt.
 
     The cap keeps training cost flat as the policy improves (otherwise a good policy
     would hand the trainer k copies of every easy problem). Among duplicates and over
-    the cap, the lowest sample index wins, so the choice is deterministic.
+    the cap, sampled answers come before refined ones (Self-Refine's `refinements`,
+    trained on the original prompt) and then the lowest sample index wins, so the
+    choice is deterministic.
 
-    Rows: round, generation_id, prompt_id, prompt, completion, source.
+    Rows: round, generation_id, prompt_id, prompt, completion, source (generated/refined).
     """
-    accepted = generations.join(
+    columns = ["round", "generation_id", "prompt_id", "sample_index", "prompt", "completion"]
+    candidates = [generations.select(columns).with_columns(source=pl.lit("generated"))]
+    if refinements is not None and refinements.height:
+        candidates.append(refinements.select(columns).with_columns(source=pl.lit("refined")))
+    accepted = pl.concat(candidates).join(
         critiques.filter(pl.col("verdict") == "accept").select("generation_id"),
         on="generation_id",
         how="semi",
     )
     return (
-        accepted.sort("prompt_id", "sample_index")
+        accepted.sort("prompt_id", pl.col("source") == "refined", "sample_index")
         .with_columns(_normalized=pl.col("completion").str.strip_chars().str.to_lowercase())
         .unique(subset=["prompt_id", "_normalized"], keep="first", maintain_order=True)
         .filter(pl.int_range(pl.len()).over("prompt_id") < max_per_prompt)
-        .select(
-            "round",
-            "generation_id",
-            "prompt_id",
-            "prompt",
-            "completion",
-            source=pl.lit("generated"),
-        )
+        .select("round", "generation_id", "prompt_id", "prompt", "completion", "source")
     )
 
 

@@ -25,8 +25,11 @@ ROUND_PATTERN = re.compile(r"^round_(\d{3,})$")
 # Per-round tables that get a catalog view across rounds.
 CATALOG_TABLES = (
     "prompts",
+    "prompt_candidates",
+    "prompt_mix",
     "generations",
     "critiques",
+    "refinements",
     "filtered",
     "checkpoints",
     "eval_scores",

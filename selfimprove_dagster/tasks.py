@@ -13,6 +13,7 @@ Train and eval never share a prompt (compared lowercased and whitespace-collapse
 so held-out accuracy is not inflated by training on the test questions.
 
     make_task("addition_2digit", n_train=200, n_eval=200, seed=0)
+    make_task("addition_digits", n_train=200, n_eval=200, seed=0, difficulty=3)
     load_dataset_file("my_problems.jsonl", n_train=None, n_eval=100, seed=0)
     load_gsm8k("../shared/data/gsm8k/test.jsonl")
 """
@@ -23,6 +24,8 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -103,27 +106,110 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
-def make_task(name: str, n_train: int, n_eval: int, seed: int) -> pl.DataFrame:
-    """`n_train` + `n_eval` distinct problems from the built-in task `name`.
+# --- task families: difficulty is a parameter of the generator ---------------------
+
+
+def addition(rng: random.Random, digits: int = 2, operands: int = 2) -> tuple[str, str]:
+    """ "What is A + B (+ C ...)?" with `operands` numbers of exactly `digits` digits
+    (one digit: 0..9). `addition(rng, 2, 2)` asks what `addition_2digit` asks."""
+    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+    numbers = [rng.randint(low, high) for _ in range(operands)]
+    return f"What is {' + '.join(map(str, numbers))}?{ANSWER_INSTRUCTION}", str(sum(numbers))
+
+
+@dataclass(frozen=True)
+class TaskFamily:
+    """A verifiable task whose difficulty is a parameter: band -> problem generator.
+
+    Higher bands are harder. The adaptive curriculum (`curriculum.py`) picks the band a
+    round trains on; every problem row records its band.
+    """
+
+    name: str
+    bands: dict[int, Callable[[random.Random], tuple[str, str]]]
+    band_names: dict[int, str]  # what a band means, for metadata and the README
+
+
+FAMILIES: dict[str, TaskFamily] = {
+    # Band = digits per operand: 1-digit (100 distinct problems) .. 4-digit.
+    "addition_digits": TaskFamily(
+        "addition_digits",
+        {d: partial(addition, digits=d, operands=2) for d in (1, 2, 3, 4)},
+        {d: f"{d}-digit + {d}-digit" for d in (1, 2, 3, 4)},
+    ),
+    # Band = number of 2-digit operands: A + B .. A + B + C + D.
+    "addition_operands": TaskFamily(
+        "addition_operands",
+        {k: partial(addition, digits=2, operands=k) for k in (2, 3, 4)},
+        {k: f"{k} two-digit operands" for k in (2, 3, 4)},
+    ),
+}
+
+
+def task_generator(
+    name: str, difficulty: int | None = None
+) -> Callable[[random.Random], tuple[str, str]]:
+    """The problem generator of a built-in task, or of one band of a task family."""
+    if name in FAMILIES:
+        family = FAMILIES[name]
+        if difficulty not in family.bands:
+            raise SelfImproveError(
+                f"task family {name!r} has no difficulty {difficulty!r}",
+                f"pass difficulty as one of {', '.join(map(str, sorted(family.bands)))}",
+            )
+        return family.bands[difficulty]
+    if name not in TASKS:
+        raise SelfImproveError(
+            f"unknown task {name!r}",
+            f"use one of {', '.join(sorted([*TASKS, *FAMILIES]))}, or load a dataset file",
+        )
+    if difficulty is not None:
+        raise SelfImproveError(
+            f"task {name!r} has no difficulty levels (got difficulty={difficulty})",
+            f"drop the difficulty, or use a task family: {', '.join(sorted(FAMILIES))}",
+        )
+    return TASKS[name]
+
+
+def draw_problems(
+    generator: Callable[[random.Random], tuple[str, str]],
+    n: int,
+    rng: random.Random,
+    exclude: set[object] = frozenset(),  # type: ignore[assignment]
+) -> list[tuple[str, str]]:
+    """Up to `n` distinct problems (by `problem_key`) not in `exclude`; fewer when the
+    generator runs out within its draw budget (a 1-digit band has only 100 problems)."""
+    problems: dict[object, tuple[str, str]] = {}
+    for _ in range(DRAWS_PER_PROBLEM * n + MIN_DRAWS):
+        if len(problems) >= n:
+            break
+        prompt, answer = generator(rng)
+        key = problem_key(prompt, answer)
+        if key not in exclude:
+            problems.setdefault(key, (prompt, answer))
+    return list(problems.values())
+
+
+def make_task(
+    name: str, n_train: int, n_eval: int, seed: int, difficulty: int | None = None
+) -> pl.DataFrame:
+    """`n_train` + `n_eval` distinct problems from the built-in task `name`, or from
+    band `difficulty` of the task family `name` (`FAMILIES`).
 
     Eval problems are drawn first, so the held-out set depends only on (seed, n_eval):
     changing `n_train` never changes what the model is scored on.
     """
-    if name not in TASKS:
-        raise SelfImproveError(
-            f"unknown task {name!r}",
-            f"use one of {', '.join(sorted(TASKS))}, or load a dataset file",
-        )
+    generator = task_generator(name, difficulty)
     _check_count("n_train", n_train)
     _check_count("n_eval", n_eval)
-    generator, rng = TASKS[name], random.Random(seed)
+    rng = random.Random(seed)
     wanted, max_draws = n_train + n_eval, DRAWS_PER_PROBLEM * (n_train + n_eval) + MIN_DRAWS
     problems: dict[object, tuple[str, str]] = {}  # problem key -> (prompt, answer)
     for _ in range(max_draws):
         if len(problems) == wanted:
             break
         prompt, answer = generator(rng)
-        problems.setdefault(_problem_key(prompt, answer), (prompt, answer))
+        problems.setdefault(problem_key(prompt, answer), (prompt, answer))
     if len(problems) < wanted:
         raise SelfImproveError(
             f"task {name!r} gave only {len(problems)} distinct problems in {max_draws} draws, "
@@ -196,7 +282,7 @@ def load_gsm8k(
 # --- helpers -------------------------------------------------------------------------
 
 
-def _problem_key(prompt: str, answer: str) -> object:
+def problem_key(prompt: str, answer: str) -> object:
     """Two generated problems are the same problem when they have the same numbers in
     the same order and the same answer: "Sam has 23 apples and buys 29 more" and "Mia
     has 23 cards and buys 29 more" differ only in names, so they must not land in

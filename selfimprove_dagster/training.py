@@ -1,7 +1,15 @@
-"""Fine-tuning a round's policy on its filtered samples: TRL SFT + PEFT LoRA on CPU.
+"""Fine-tuning a round's policy on its filtered samples: TRL + PEFT LoRA on CPU.
 
-The dataset is conversational prompt-completion (user prompt, assistant completion),
-for which TRL computes the loss on the completion tokens only. The adapter, the
+Two objectives, picked by the round's method (`methods.Recipe.objective`):
+
+- `sft` (STaR, self-consistency, Self-Refine): TRL `SFTTrainer` on conversational
+  prompt-completion rows (user prompt, assistant completion), for which TRL computes
+  the loss on the completion tokens only.
+- `dpo` (Self-Rewarding / Self-Judge): TRL `DPOTrainer` on (prompt, chosen, rejected)
+  pairs. With a LoRA adapter the reference model is the same network with the adapter
+  switched off, i.e. the round's policy, as in Self-Rewarding.
+
+The adapter, the
 tokenizer and a manifest (what was trained on what, with which settings) are written
 to a temporary folder and renamed into place, so a failed run leaves no checkpoint.
 """
@@ -34,6 +42,7 @@ class TrainParams:
     batch_size: int = 16  # examples per optimizer step (no accumulation)
     max_length: int = 512  # truncate longer prompt+completion sequences
     seed: int = 0  # data order and LoRA init
+    beta: float = 0.1  # DPO only: strength of the pull towards the reference policy
 
     def planned_steps(self, n_examples: int) -> int:
         return math.ceil(n_examples / self.batch_size) * self.epochs
@@ -59,6 +68,9 @@ def portable_ref(ref: str, out_dir: Path) -> str:
     return ref
 
 
+OBJECTIVES = ("sft", "dpo")
+
+
 def sft_dataset(examples: list[dict[str, str]]):
     """Conversational prompt-completion rows -> a `datasets.Dataset`."""
     from datasets import Dataset, disable_progress_bars
@@ -76,6 +88,23 @@ def sft_dataset(examples: list[dict[str, str]]):
     )
 
 
+def dpo_dataset(pairs: list[dict[str, str]]):
+    """Conversational preference rows (prompt, chosen, rejected) -> a `datasets.Dataset`."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}],
+            }
+            for p in pairs
+        ]
+    )
+
+
 def _progress_callback(progress: Progress):
     from transformers import TrainerCallback
 
@@ -84,6 +113,54 @@ def _progress_callback(progress: Progress):
             progress.update(1)
 
     return ProgressCallback()
+
+
+def _trainer_args(params: TrainParams, output_dir: Path) -> dict[str, Any]:
+    """Settings SFTConfig and DPOConfig share (both are TrainingArguments)."""
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": params.epochs,
+        "per_device_train_batch_size": params.batch_size,
+        "learning_rate": params.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_length": params.max_length,
+        "seed": params.seed,
+        "bf16": False,  # no fast bf16 on this CPU (TRL defaults it on)
+        "gradient_checkpointing": False,  # TRL's default; it only costs time on a 135M model
+        "use_cpu": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,  # our Progress shows the bar and writes the run-log lines
+    }
+
+
+def _build_trainer(objective: str, model, tokenizer, examples, params, output_dir, callbacks):
+    from peft import LoraConfig
+
+    lora = LoraConfig(
+        r=params.lora_r,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    common = {"processing_class": tokenizer, "peft_config": lora, "callbacks": callbacks}
+    if objective == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(**_trainer_args(params, output_dir))
+        return SFTTrainer(model=model, args=config, train_dataset=sft_dataset(examples), **common)
+    if objective == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        config = DPOConfig(**_trainer_args(params, output_dir), beta=params.beta)
+        # ref_model=None + a LoRA config: the reference is the adapter-free policy.
+        return DPOTrainer(model=model, args=config, train_dataset=dpo_dataset(examples), **common)
+    raise SelfImproveError(
+        f"Unknown training objective `{objective}`", f"use one of: {', '.join(OBJECTIVES)}"
+    )
 
 
 def train_lora_sft(
@@ -95,7 +172,24 @@ def train_lora_sft(
     manifest_extra: dict[str, Any] | None = None,
     log: LogFn | None = None,
 ) -> dict[str, Any]:
-    """Train a LoRA adapter on `examples` (dicts with `prompt` and `completion`).
+    """LoRA SFT on `examples` (dicts with `prompt` and `completion`); see `train_lora`."""
+    return train_lora(
+        "sft", trained_from, examples, params, out_dir, models_dir, manifest_extra, log
+    )
+
+
+def train_lora(
+    objective: str,
+    trained_from: str,
+    examples: list[dict[str, str]],
+    params: TrainParams,
+    out_dir: Path,
+    models_dir: Path,
+    manifest_extra: dict[str, Any] | None = None,
+    log: LogFn | None = None,
+) -> dict[str, Any]:
+    """Train a LoRA adapter with `objective` ("sft": dicts with `prompt`, `completion`;
+    "dpo": dicts with `prompt`, `chosen`, `rejected`).
 
     `trained_from` is the model reference the adapter sits on; the checkpoint loads as
     that model with the adapter merged. Returns the manifest written next to the adapter.
@@ -105,47 +199,16 @@ def train_lora_sft(
             "Cannot train on an empty filtered set",
             "sample more (samples_per_prompt, temperature) or use more prompts",
         )
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    config = SFTConfig(
-        output_dir=str(tmp / "trainer"),
-        num_train_epochs=params.epochs,
-        per_device_train_batch_size=params.batch_size,
-        learning_rate=params.learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_length=params.max_length,
-        seed=params.seed,
-        bf16=False,  # no fast bf16 on this CPU (TRL defaults it on)
-        gradient_checkpointing=False,  # TRL's default; it only costs time on a 135M model
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,  # our Progress shows the bar and writes the run-log lines
-    )
-    lora = LoraConfig(
-        r=params.lora_r,
-        lora_alpha=params.lora_alpha,
-        lora_dropout=params.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
     tokenizer = load_tokenizer(trained_from, models_dir)
     model = load_model(trained_from, models_dir)
     planned = params.planned_steps(len(examples))
     started = time.monotonic()
-    with Progress("train", planned, log=log, unit="steps", log_every_s=15.0) as progress:
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=sft_dataset(examples),
-            processing_class=tokenizer,
-            peft_config=lora,
-            callbacks=[_progress_callback(progress)],
+    with Progress(f"train ({objective})", planned, log=log, unit="steps", log_every_s=15.0) as bar:
+        callbacks = [_progress_callback(bar)]
+        trainer = _build_trainer(
+            objective, model, tokenizer, examples, params, tmp / "trainer", callbacks
         )
         result = trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -153,6 +216,7 @@ def train_lora_sft(
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     manifest = {
+        "objective": objective,
         "trained_from": portable_ref(trained_from, out_dir),
         "train_examples": len(examples),
         "hyper_parameters": asdict(params),

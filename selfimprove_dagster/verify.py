@@ -104,6 +104,12 @@ def verify(completion: str, answer: str) -> Verdict:
     return Verdict(correct=False, extracted=extracted, reason="wrong_answer")
 
 
+def ground_truth(completion: str, reference: object | None) -> bool | None:
+    """Whether `completion` is right, or None for a prompt without a reference answer
+    (critics that need no labels still record correctness where it is known)."""
+    return None if reference is None else verify(completion, str(reference)).correct
+
+
 def correctness_reward(
     completions: list[str], answers: list[str] | None = None, **kwargs: object
 ) -> list[float]:

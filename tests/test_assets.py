@@ -13,6 +13,7 @@ from resources import (
     EvolutionResource,
     GatesResource,
     GeneratorResource,
+    MethodResource,
     StorageResource,
     TaskResource,
     TrainerResource,
@@ -39,7 +40,7 @@ class ScriptedGenerator(GeneratorResource):
         return engine
 
 
-def _resources(data_dir, tiny_model, task=None, **generator):
+def _resources(data_dir, tiny_model, task=None, method=None, **generator):
     return {
         "storage": StorageResource(data_dir=str(data_dir)),
         "task": task
@@ -48,6 +49,7 @@ def _resources(data_dir, tiny_model, task=None, **generator):
         "trainer": TrainerResource(epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
         "gates": GatesResource(),
         "evolution": EvolutionResource(),
+        "method": method or MethodResource(),
     }
 
 
@@ -160,7 +162,12 @@ def test_empty_filtered_set_is_blocked_before_training(tiny_model, tmp_path):
 def test_critiques_asset_called_directly(two_rounds):
     store, _, _ = two_rounds
     context = dg.build_asset_context(partition_key="round_000")
-    result = critiques(context=context, storage=StorageResource(data_dir=str(store.data_dir)))
+    result = critiques(
+        context=context,
+        storage=StorageResource(data_dir=str(store.data_dir)),
+        generator=GeneratorResource(),  # star's verifier needs no model: never loaded
+        method=MethodResource(),
+    )
     assert result.metadata["dagster/row_count"] == 16
     assert result.metadata["accept_rate"] == pytest.approx(0.25)
 
@@ -232,8 +239,8 @@ def test_duplicated_generation_blocks_training(tiny_model, tmp_path, monkeypatch
 
     real_filter = star.filter_accepted
 
-    def filter_with_duplicate(generations, critiques, max_per_prompt):
-        kept = real_filter(generations, critiques, max_per_prompt)
+    def filter_with_duplicate(generations, critiques, max_per_prompt, refinements=None):
+        kept = real_filter(generations, critiques, max_per_prompt, refinements)
         return kept.vstack(kept.head(1))  # planted defect: one generation twice
 
     monkeypatch.setattr(star, "filter_accepted", filter_with_duplicate)

@@ -130,3 +130,16 @@ def test_regression_beyond_tolerance_fails():
     assert gate.observed == 0.45
     assert gate.details["delta"] == pytest.approx(-0.15)
     assert "60.0% -> 45.0%" in gate.message
+
+
+def test_critic_readable_warns_on_unscored_judgements():
+    import polars as pl
+
+    from selfimprove_dagster.quality import gate_critic_readable
+
+    clean = pl.DataFrame({"score": [1.0, 0.2, 0.0]})
+    mostly_garbage = pl.DataFrame({"score": [1.0, None, None]})  # planted: 2 of 3 unscored
+    assert gate_critic_readable(clean, 0.5).passed
+    gate = gate_critic_readable(mostly_garbage, 0.5)
+    assert not gate.passed and gate.observed == pytest.approx(2 / 3)
+    assert "Fix:" in gate.message

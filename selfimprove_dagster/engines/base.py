@@ -45,9 +45,19 @@ class GenerationEngine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompts: list[str], n: int, sampling: Sampling, log: LogFn | None = None
+        self,
+        prompts: list[str],
+        n: int,
+        sampling: Sampling,
+        log: LogFn | None = None,
+        response_prefix: str = "",
     ) -> list[Completion]:
-        """`n` completions per prompt, prompt-major: index = prompt_index * n + sample_index."""
+        """`n` completions per prompt, prompt-major: index = prompt_index * n + sample_index.
+
+        `response_prefix` is text the assistant's reply starts with (e.g. "Score:" to
+        make a judge answer in a parseable form); the completion continues after it and
+        does not repeat it.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the model (engines that hold a GPU or a server override this)."""

@@ -50,11 +50,22 @@ class TransformersEngine(GenerationEngine):
         )
 
     def generate(
-        self, prompts: list[str], n: int, sampling: Sampling, log: LogFn | None = None
+        self,
+        prompts: list[str],
+        n: int,
+        sampling: Sampling,
+        log: LogFn | None = None,
+        response_prefix: str = "",
     ) -> list[Completion]:
-        texts = [self.chat_text(p) for p in prompts]
+        texts = [self.chat_text(p) + response_prefix for p in prompts]
+        return self.generate_text(texts, n, sampling, log)
+
+    def generate_text(
+        self, texts: list[str], n: int, sampling: Sampling, log: LogFn | None = None
+    ) -> list[Completion]:
+        """`generate` for texts already in the chat template (what /v1/completions gets)."""
         prompt_ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-        rows = [(i, s) for i in range(len(prompts)) for s in range(n)]
+        rows = [(i, s) for i in range(len(texts)) for s in range(n)]
         # By length (little padding), keeping a prompt's samples together (prefix sharing).
         rows.sort(key=lambda row: (len(prompt_ids[row[0]]), row[0], row[1]))
         results: dict[tuple[int, int], Completion] = {}

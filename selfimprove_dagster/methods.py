@@ -1,0 +1,240 @@
+"""Which self-improvement recipe a round runs: one `method` setting, the same assets.
+
+    star                          verifier (ground truth) critic, SFT      (STaR / ReST-EM)
+    self_consistency              majority-vote pseudo-labels, SFT         (LMSI, no labels)
+    self_judge                    the policy judges itself, DPO pairs      (Self-Rewarding)
+    self_refine                   = star+self_refine                       (Re-ReST / SELF)
+    star+self_refine              rejected answers refined from feedback, refined
+    self_consistency+self_refine    answers that pass join the SFT set (source=refined)
+
+Every recipe fills `critiques` (one row per generation, plus one per refined answer,
+each naming its critic and giving a score and critique text) and `filtered` (SFT rows,
+or DPO pairs: chosen in `completion`, loser in `rejected_completion`). The assets in
+`assets/rounds.py` call `critique_round`, `select_training_set`, `training_examples`
+and `method_metrics`; the critics live in `star`, `consistency`, `judge`, `refine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+from selfimprove_dagster import consistency, judge, refine, star
+from selfimprove_dagster.engines.base import GenerationEngine, Sampling
+from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.progress import LogFn
+
+CRITICS = ("star", "self_consistency", "self_judge")
+REFINE = "self_refine"
+METHODS = (*CRITICS, REFINE, "star+self_refine", "self_consistency+self_refine")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    critic: str  # star | self_consistency | self_judge: who decides what is kept
+    refine: bool = False  # Self-Refine on top: rejected answers get feedback and a retry
+
+    @property
+    def objective(self) -> str:
+        """The training objective: preference pairs train with DPO, the rest with SFT."""
+        return "dpo" if self.critic == "self_judge" else "sft"
+
+    @property
+    def name(self) -> str:
+        return f"{self.critic}+{REFINE}" if self.refine else self.critic
+
+
+def parse_method(text: str) -> Recipe:
+    """`star`, `self_consistency`, `self_judge`, `self_refine` or `<critic>+self_refine`."""
+    parts = [p.strip() for p in text.strip().lower().split("+") if p.strip()]
+    refine_on = REFINE in parts
+    critics = [p for p in parts if p != REFINE]
+    unknown = [p for p in critics if p not in CRITICS]
+    if unknown or len(critics) > 1 or not parts:
+        raise SelfImproveError(
+            f"Unknown method `{text}`",
+            f"use one of: {', '.join(METHODS)} (SELFIMPROVE_METHOD)",
+        )
+    recipe = Recipe(critics[0] if critics else "star", refine_on)
+    if recipe.refine and recipe.critic == "self_judge":
+        raise SelfImproveError(
+            "self_refine does not compose with self_judge (the judge's pairs need no retry)",
+            "use star+self_refine or self_consistency+self_refine",
+        )
+    return recipe
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The knobs of the critics (defaults: resources.MethodResource)."""
+
+    vote_threshold: float = 0.5  # self-consistency: least share of samples on the majority
+    judge_accept_points: float = 4.0  # self-judge: rubric points (0..5) that count as accept
+    judge_margin: float = 0.2  # self-judge: least score gap (0..1) of a preference pair
+    judge_samples: int = 3  # self-judge: sampled judgements averaged per answer
+    judge_temperature: float = 0.7  # self-judge: sampling temperature of the judge
+    judge_max_new_tokens: int = 8  # self-judge: budget of the judge's reply (a score)
+    refine_feedback: str = "critic"  # self-refine: "critic" (Re-ReST) or "self" (SELF)
+    refine_max: int = 200  # self-refine: rejected samples refined per round
+    refine_probe: int = 50  # self-refine: accepted samples refined to count breakage
+    critique_max_new_tokens: int = 48  # self-refine with self feedback: critique budget
+
+
+@dataclass
+class RoundCritiques:
+    critiques: pl.DataFrame  # one row per generation (+ one per refined answer)
+    refinements: pl.DataFrame | None  # the refined answers, with their feedback
+
+
+def critique_round(
+    recipe: Recipe,
+    generations: pl.DataFrame,
+    prompts: pl.DataFrame,
+    load_policy: Callable[[], GenerationEngine],
+    sampling: Sampling,
+    settings: MethodSettings,
+    log: LogFn | None = None,
+) -> RoundCritiques:
+    """Run the recipe's critic over the round's generations, then Self-Refine if on.
+
+    `load_policy` builds the round's policy engine; it is called only when the recipe
+    needs the model (judge, refinement), and the engine is closed afterwards.
+    """
+    engine = load_policy() if recipe.critic == "self_judge" or recipe.refine else None
+    try:
+        critiques = _first_critique(recipe, generations, prompts, engine, sampling, settings, log)
+        if not recipe.refine:
+            return RoundCritiques(critiques, None)
+        selected = refine.select_for_refinement(
+            generations, critiques, settings.refine_max, settings.refine_probe
+        )
+        if log:
+            log(f"self-refine: {selected.height} samples ({settings.refine_feedback} feedback)")
+        refinements = refine.refine_samples(
+            engine,
+            selected,
+            _feedback_mode(settings.refine_feedback),
+            sampling,
+            settings.critique_max_new_tokens,
+            log=log,
+        )
+        refined = refine.critique_refinements(
+            refinements, _labels(recipe, critiques, prompts), _references(prompts)
+        )
+        return RoundCritiques(pl.concat([critiques, refined], how="diagonal_relaxed"), refinements)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _first_critique(recipe, generations, prompts, engine, sampling, settings, log):
+    if recipe.critic == "star":
+        return star.critique_generations(generations, prompts)
+    if recipe.critic == "self_consistency":
+        return consistency.critique_by_majority(generations, prompts, settings.vote_threshold)
+    judge_sampling = Sampling(
+        temperature=settings.judge_temperature,
+        top_k=sampling.top_k,
+        max_new_tokens=settings.judge_max_new_tokens,
+        seed=sampling.seed,
+    )
+    return judge.critique_by_judge(
+        engine,
+        generations,
+        prompts,
+        judge_sampling,
+        settings.judge_samples,
+        settings.judge_accept_points,
+        log=log,
+    )
+
+
+def _feedback_mode(value: str) -> refine.Feedback:
+    if value not in ("critic", "self"):
+        raise SelfImproveError(
+            f"Unknown refine feedback `{value}`",
+            "use `critic` (the critic's message, Re-ReST) or `self` (the policy's own "
+            "critique, SELF) in SELFIMPROVE_REFINE_FEEDBACK",
+        )
+    return value  # type: ignore[return-value]
+
+
+def _references(prompts: pl.DataFrame) -> dict[str, object]:
+    return dict(zip(prompts["prompt_id"], prompts["answer"], strict=True))
+
+
+def _labels(recipe: Recipe, critiques: pl.DataFrame, prompts: pl.DataFrame) -> dict:
+    """What a refined answer must state to pass: the reference (star) or the pseudo-label
+    (self-consistency: ground truth stays hidden from selection)."""
+    if recipe.critic == "self_consistency":
+        return dict(critiques.select("prompt_id", "pseudo_label").unique("prompt_id").iter_rows())
+    return _references(prompts)
+
+
+def select_training_set(
+    recipe: Recipe,
+    generations: pl.DataFrame,
+    critiques: pl.DataFrame,
+    refinements: pl.DataFrame | None,
+    max_per_prompt: int,
+    settings: MethodSettings,
+) -> pl.DataFrame:
+    """The round's `filtered` table: accepted answers (SFT) or preference pairs (DPO)."""
+    if recipe.objective == "dpo":
+        return judge.preference_pairs(generations, critiques, settings.judge_margin)
+    return star.filter_accepted(generations, critiques, max_per_prompt, refinements)
+
+
+def training_examples(recipe: Recipe, filtered: pl.DataFrame) -> list[dict[str, str]]:
+    """Rows for `training.train_lora(recipe.objective, ...)`."""
+    if recipe.objective == "dpo":
+        return filtered.select(
+            "prompt", chosen=pl.col("completion"), rejected=pl.col("rejected_completion")
+        ).to_dicts()
+    return star.training_examples(filtered)
+
+
+def filtered_content_hash(filtered: pl.DataFrame) -> str:
+    """What the checkpoint was trained on (a DPO pair's loser counts too)."""
+    from selfimprove_dagster.ids import content_hash
+
+    if "rejected_completion" not in filtered.columns:
+        return star.filtered_content_hash(filtered)
+    columns = ["generation_id", "prompt", "completion", "rejected_completion"]
+    return content_hash(filtered.select(columns).to_dicts())
+
+
+# Columns of `method_metrics` (every round stores all of them, None where they do not apply).
+METRIC_COLUMNS = (
+    "pseudo_labeled_prompts",
+    "pseudo_label_precision",
+    "pseudo_label_recall",
+    "judge_unparseable_rate",
+    "judge_unscored",
+    "judge_accuracy",
+    "pair_accuracy",
+    "pairs",
+    "refined",
+    "repaired",
+    "repair_rate",
+    "probed",
+    "broken",
+    "broken_rate",
+)
+
+
+def method_metrics(
+    recipe: Recipe, critiques: pl.DataFrame, filtered: pl.DataFrame | None = None
+) -> dict:
+    """The recipe's own health figures (ground truth only measures, never selects);
+    pair figures need the round's `filtered` pairs."""
+    metrics: dict[str, object] = dict.fromkeys(METRIC_COLUMNS)
+    if recipe.critic == "self_consistency":
+        metrics |= consistency.pseudo_label_quality(critiques)
+    if recipe.critic == "self_judge":
+        metrics |= judge.judge_quality(critiques, filtered)
+    if recipe.refine:
+        metrics |= refine.refinement_stats(critiques)
+    return {"method": recipe.name, **metrics}

@@ -1,0 +1,146 @@
+"""Profiles: where the same round graph runs, picked by one environment variable.
+
+    SELFIMPROVE_PROFILE=local     in-process executor, transformers engine on CPU (default)
+    SELFIMPROVE_PROFILE=gpu       in-process executor, vLLM engine, LoRA training on CUDA
+    SELFIMPROVE_PROFILE=cluster   dagster-k8s k8s_job_executor (a pod per step, a GPU for
+                                  training), generation through the `openai` engine against
+                                  a vLLM server fleet; Postgres instance storage
+                                  (deploy/dagster.yaml)
+
+A profile only changes defaults: each resource field it sets can still be overridden by
+its own `SELFIMPROVE_<FIELD>` variable. Plain data here (no Dagster import); the
+Dagster composition root (`definitions.py`) turns `executor` into an executor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfimprove_dagster.errors import SelfImproveError
+
+PROFILE_ENV = "SELFIMPROVE_PROFILE"
+ENV_PREFIX = "SELFIMPROVE_"
+
+# Kubernetes resources of a step pod (dagster-k8s `container_config` / `pod_spec_config`).
+# Steps that only call the vLLM fleet or read Parquet need CPU; training needs a GPU.
+CPU_STEP = {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"}}}}
+GPU_STEP = {
+    "container_config": {
+        "resources": {
+            "requests": {"cpu": "4", "memory": "24Gi"},
+            "limits": {"nvidia.com/gpu": "1"},
+        }
+    },
+    # Only schedule on GPU nodes, and tolerate their usual taint.
+    "pod_spec_config": {
+        "node_selector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+}
+# Per asset (= op) name: the asset steps that need a GPU under the cluster profile.
+# Generation and evaluation call the vLLM fleet through the openai engine, so only
+# training holds a GPU in a step pod.
+CLUSTER_GPU_ASSETS = ("checkpoint",)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    executor: str  # "in_process" or "k8s"
+    # Resource key -> field -> default (overridable by SELFIMPROVE_<FIELD>).
+    defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # k8s executor config (dagster-k8s `k8s_job_executor`), cluster profile only.
+    k8s_executor_config: Mapping[str, Any] = field(default_factory=dict)
+    # Where the Dagster instance stores runs and events (documentation; the instance is
+    # configured by $DAGSTER_HOME/dagster.yaml, not by Definitions).
+    instance_storage: str = "sqlite"
+
+    def resource_defaults(
+        self, resource: str, environ: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """This profile's defaults for `resource`, minus fields set in the environment
+        (`SELFIMPROVE_<FIELD>` always wins)."""
+        env = os.environ if environ is None else environ
+        return {
+            name: value
+            for name, value in self.defaults.get(resource, {}).items()
+            if not env.get(ENV_PREFIX + name.upper())
+        }
+
+    def k8s_op_tags(self, asset_name: str) -> dict[str, Any]:
+        """Op tags requesting this asset's pod resources (for `@dg.asset(op_tags=...)`)."""
+        if self.executor != "k8s":
+            return {}
+        return {"dagster-k8s/config": GPU_STEP if asset_name in CLUSTER_GPU_ASSETS else CPU_STEP}
+
+
+LOCAL = Profile(
+    name="local",
+    description="one machine, CPU: in-process executor, transformers engine",
+    executor="in_process",
+)
+
+GPU = Profile(
+    name="gpu",
+    description="one GPU machine: in-process executor, vLLM engine (LoRA adapters served "
+    "with LoRARequest), LoRA training on CUDA",
+    executor="in_process",
+    defaults={
+        "generator": {"engine": "vllm", "batch_size": 256},
+        "trainer": {"device": "cuda"},
+    },
+)
+
+CLUSTER = Profile(
+    name="cluster",
+    description="Kubernetes: k8s_job_executor (a pod per step, GPU for training), "
+    "generation through the openai engine against a vLLM server fleet, Postgres storage",
+    executor="k8s",
+    defaults={
+        # The fleet serves the base model and loads each round's adapter by name, which
+        # needs every adapter trained on the base model (ReST-EM's restart).
+        "generator": {
+            "engine": "openai",
+            "openai_base_url": "http://vllm.selfimprove.svc.cluster.local:8000/v1",
+            "openai_load_adapters": True,
+            "openai_max_concurrency": 32,
+        },
+        "trainer": {"init": "restart", "device": "cuda"},
+        "storage": {"data_dir": "/data"},  # a ReadWriteMany volume shared by all pods
+    },
+    k8s_executor_config={
+        "max_concurrent": 4,
+        # SELFIMPROVE_* settings and the fleet's API key reach every step pod.
+        "env_config_maps": ["selfimprove-config"],
+        "env_secrets": ["selfimprove-secrets"],
+        "volumes": [
+            {
+                "name": "selfimprove-data",
+                "persistent_volume_claim": {"claim_name": "selfimprove-data"},
+            }
+        ],
+        "volume_mounts": [{"name": "selfimprove-data", "mount_path": "/data"}],
+        "step_k8s_config": CPU_STEP,
+        # Per asset step: the GPU request (the same config `k8s_op_tags` gives as op tags).
+        "per_step_k8s_config": {name: GPU_STEP for name in CLUSTER_GPU_ASSETS},
+    },
+    instance_storage="postgres",
+)
+
+PROFILES = {p.name: p for p in (LOCAL, GPU, CLUSTER)}
+
+
+def active_profile(environ: Mapping[str, str] | None = None) -> Profile:
+    """The profile named by SELFIMPROVE_PROFILE (default: local)."""
+    env = os.environ if environ is None else environ
+    name = (env.get(PROFILE_ENV) or "local").strip().lower()
+    if name not in PROFILES:
+        raise SelfImproveError(
+            f"Unknown profile {PROFILE_ENV}={name!r}",
+            f"use one of: {', '.join(PROFILES)}",
+        )
+    return PROFILES[name]

@@ -1,0 +1,482 @@
+"""Where a round's prompts come from: pluggable sources, mixed by weights.
+
+Sources (names used in `sources`, e.g. SELFIMPROVE_SOURCES="curriculum=0.7,self_instruct=0.3"):
+
+- `task`:          a built-in task (`tasks.make_task`); the same train prompts every round
+- `dataset`:       a user's .jsonl/.parquet file (`tasks.load_dataset_file`)
+- `curriculum`:    a task family whose band follows the policy's solve rate
+                   (`curriculum.py`); fresh train prompts every round
+- `self_instruct`: new prompts the round's policy writes from seed tasks
+                   (`synthesis.py`); train only, answers model-made (unverified)
+
+The round's `n_train` train prompts are shared out by weight (largest remainder). The
+held-out set is the union of the eval splits of the verifiable sources listed (task,
+dataset, curriculum), each drawn from the seed alone, so it is the same every round; a
+weight of 0 lists a source for its held-out set only. Synthesized prompts never go to
+eval (they have no ground truth).
+
+Every row of the round's table says where it came from (`source`, `band`, `role`,
+`answer_source`, `answer_verified`, `origin_round`, `seed_ids`, `parent_prompt_ids`).
+Train rows that repeat a held-out prompt or an earlier row are dropped at assembly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from selfimprove_dagster import curriculum as cur
+from selfimprove_dagster import synthesis as syn
+from selfimprove_dagster.engines.base import GenerationEngine
+from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.ids import prompt_id
+from selfimprove_dagster.progress import LogFn
+from selfimprove_dagster.quality import normalize_prompt
+from selfimprove_dagster.storage import RoundStore, previous_round, round_index, round_key
+
+SOURCES = ("task", "dataset", "curriculum", "self_instruct")
+VERIFIABLE = ("task", "dataset", "curriculum")
+
+PROMPT_SCHEMA: dict[str, pl.DataType] = {
+    "round": pl.String(),
+    "prompt_id": pl.String(),
+    "prompt": pl.String(),
+    "answer": pl.String(),
+    "split": pl.String(),  # train / eval
+    "task": pl.String(),  # task or family name, dataset stem, or "self_instruct"
+    "source": pl.String(),  # one of SOURCES
+    "band": pl.Int64(),  # curriculum difficulty band (null for other sources)
+    "role": pl.String(),  # curriculum: chosen / replay / probe; null otherwise
+    "answer_source": pl.String(),  # generator / dataset / ensemble_consensus
+    "answer_verified": pl.Boolean(),  # False: the answer is model-made
+    "origin_round": pl.String(),  # round the prompt was written in (synthesized)
+    "seed_ids": pl.List(pl.String()),  # seed tasks it was written from
+    "parent_prompt_ids": pl.List(pl.String()),  # earlier synthesized prompts it saw
+}
+
+CANDIDATES_TABLE = "prompt_candidates"
+MIX_TABLE = "prompt_mix"
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """Everything the prompts stage needs (built by `resources.TaskResource.plan`)."""
+
+    weights: Mapping[str, float]  # source -> weight (parse_mix)
+    n_train: int
+    n_eval: int
+    seed: int
+    task: str = "addition_2digit"
+    dataset_path: str = ""
+    curriculum: cur.CurriculumConfig | None = None
+    synthesis: syn.SynthesisConfig | None = None  # its `n` is set per round from weights
+    seed_tasks_path: str = ""
+    # The task / dataset source's problem table for n train rows, when the caller has
+    # its own (`TaskResource.problems`, which a subclass may override); else built here.
+    fixed_problems: Callable[[int], pl.DataFrame] | None = None
+
+
+@dataclass
+class RoundPrompts:
+    """The prompts stage's output: the round's table, the synthesis candidates, the mix."""
+
+    prompts: pl.DataFrame
+    candidates: pl.DataFrame | None
+    mix: pl.DataFrame  # one row per source: weight, train/eval rows, choice and reason
+    notes: dict = field(default_factory=dict)  # metadata for the asset
+
+
+def parse_mix(entries: Sequence[str] | str) -> dict[str, float]:
+    """`["curriculum=0.7", "self_instruct=0.3"]` (or one comma-separated string; a bare
+    name weighs 1) -> {"curriculum": 0.7, "self_instruct": 0.3}."""
+    if isinstance(entries, str):
+        entries = entries.split(",")
+    weights: dict[str, float] = {}
+    for entry in (e.strip() for e in entries):
+        if not entry:
+            continue
+        name, _, weight = entry.partition("=")
+        name = name.strip()
+        if name not in SOURCES:
+            raise SelfImproveError(
+                f"unknown prompt source {name!r} in {list(entries)}",
+                f"use {', '.join(SOURCES)}, each with an optional weight (e.g. task=0.5)",
+            )
+        try:
+            value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            value = -1.0
+        if value < 0 or value != value:
+            raise SelfImproveError(
+                f"prompt source {name!r} has weight {weight!r}", "give a number >= 0"
+            )
+        weights[name] = weights.get(name, 0.0) + value
+    if not weights or sum(weights.values()) <= 0:
+        raise SelfImproveError(
+            f"the prompt sources {list(entries)} give no train prompts",
+            "list at least one source with a weight > 0 (e.g. SELFIMPROVE_SOURCES=task)",
+        )
+    if not any(name in VERIFIABLE for name in weights):
+        raise SelfImproveError(
+            "the prompt sources have no held-out set: synthesized prompts have no ground truth",
+            "add a verifiable source (task, dataset or curriculum), with weight 0 to use it "
+            "for the held-out set only, e.g. task=0,self_instruct=1",
+        )
+    return weights
+
+
+def allocate(n: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """`n` train prompts shared out by weight (largest remainder; ties by listing order)."""
+    total = sum(weights.values())
+    exact = {name: n * w / total for name, w in weights.items()}
+    counts = {name: int(x) for name, x in exact.items()}
+    order = sorted(weights, key=lambda name: -(exact[name] - counts[name]))
+    for name in order[: n - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+# --- the round's prompts ---------------------------------------------------------------
+
+
+def round_prompts(
+    plan: PromptPlan,
+    store: RoundStore,
+    round_: str,
+    load_policy: Callable[[], GenerationEngine] | None = None,
+    log: LogFn | None = None,
+) -> RoundPrompts:
+    """Draw every source's share, assemble, drop train rows that repeat eval or earlier
+    rows. `load_policy` gives the round's policy (only self_instruct calls it)."""
+    counts = allocate(plan.n_train, plan.weights)
+    parts: list[pl.DataFrame] = []
+    mix: list[dict] = []
+    notes: dict = {}
+    for name in (s for s in VERIFIABLE if s in plan.weights):
+        frame, row = _VERIFIABLE_SOURCES[name](plan, counts[name], store, round_)
+        parts.append(frame)
+        mix.append({"source": name, "weight": plan.weights[name], **row})
+    eval_rows = pl.concat([p.filter(pl.col("split") == "eval") for p in parts])
+    candidates = None
+    if plan.weights.get("self_instruct", 0) > 0 and counts["self_instruct"] > 0:
+        if load_policy is None:
+            raise SelfImproveError(
+                "self_instruct needs the round's policy to write prompts",
+                "pass load_policy (the prompts asset does)",
+            )
+        frame, candidates, row = _self_instruct(
+            plan, counts["self_instruct"], store, round_, eval_rows, load_policy, log
+        )
+        parts.append(frame)
+        mix.append({"source": "self_instruct", "weight": plan.weights["self_instruct"], **row})
+    prompts, dropped = assemble(parts)
+    notes["dropped_at_assembly"] = dropped
+    mix_frame = pl.DataFrame([{"round": round_, **r} for r in mix], infer_schema_length=None)
+    return RoundPrompts(prompts, candidates, mix_frame, notes)
+
+
+def assemble(parts: Sequence[pl.DataFrame]) -> tuple[pl.DataFrame, int]:
+    """All sources' rows, eval first. A row whose normalized text another source
+    already gave (two sources drawing the same problem, or one's train prompt being
+    another's held-out one) is dropped: that is an artefact of mixing. Repeats within
+    one source are left in place for the blocking gates on `prompts` to report, since
+    they mean the source itself is broken. Returns (table, rows dropped)."""
+    frame = pl.concat([p.select(list(PROMPT_SCHEMA)) for p in parts], how="vertical")
+    frame = frame.sort(pl.col("split") != "eval", maintain_order=True)
+    first_source: dict[str, str] = {}
+    keep = []
+    for text, source in zip(frame["prompt"], frame["source"], strict=True):
+        key = normalize_prompt(text or "")
+        keep.append(first_source.setdefault(key, source) == source)
+    kept = frame.filter(pl.Series(keep))
+    return kept, frame.height - kept.height
+
+
+def problem_rows(
+    round_: str,
+    rows: Sequence[tuple[str, str, str]],
+    *,
+    task: str,
+    source: str,
+    answer_source: str,
+    band: Sequence[int | None] | None = None,
+    role: Sequence[str | None] | None = None,
+) -> pl.DataFrame:
+    """Rows (prompt, answer, split) of a verifiable source in `PROMPT_SCHEMA`."""
+    n = len(rows)
+    return pl.DataFrame(
+        {
+            "round": [round_] * n,
+            "prompt_id": [prompt_id(p) for p, _, _ in rows],
+            "prompt": [p for p, _, _ in rows],
+            "answer": [a for _, a, _ in rows],
+            "split": [s for _, _, s in rows],
+            "task": [task] * n,
+            "source": [source] * n,
+            "band": list(band) if band is not None else [None] * n,
+            "role": list(role) if role is not None else [None] * n,
+            "answer_source": [answer_source] * n,
+            "answer_verified": [True] * n,
+            "origin_round": [None] * n,
+            "seed_ids": [[] for _ in range(n)],
+            "parent_prompt_ids": [[] for _ in range(n)],
+        },
+        schema=PROMPT_SCHEMA,
+    )
+
+
+# --- sources ---------------------------------------------------------------------------
+
+
+def _task(plan: PromptPlan, n: int, store: RoundStore, round_: str):
+    from selfimprove_dagster.tasks import make_task
+
+    if plan.fixed_problems is not None:
+        table = plan.fixed_problems(n)
+    else:
+        table = make_task(plan.task, n, plan.n_eval, plan.seed)
+    rows = list(zip(table["prompt"], table["answer"], table["split"], strict=True))
+    name = table["task"][0] if table.height else plan.task
+    frame = problem_rows(round_, rows, task=name, source="task", answer_source="generator")
+    return frame, _split_counts(frame)
+
+
+def _dataset(plan: PromptPlan, n: int, store: RoundStore, round_: str):
+    from selfimprove_dagster.tasks import load_dataset_file
+
+    if not plan.dataset_path:
+        raise SelfImproveError(
+            "the `dataset` prompt source has no file", "set SELFIMPROVE_DATASET_PATH"
+        )
+    if plan.fixed_problems is not None:
+        table = plan.fixed_problems(n)
+    else:
+        table = load_dataset_file(plan.dataset_path, n, plan.n_eval, plan.seed)
+    rows = list(zip(table["prompt"], table["answer"], table["split"], strict=True))
+    frame = problem_rows(
+        round_, rows, task=table["task"][0], source="dataset", answer_source="dataset"
+    )
+    return frame, _split_counts(frame)
+
+
+def _curriculum(plan: PromptPlan, n: int, store: RoundStore, round_: str):
+    from selfimprove_dagster.tasks import problem_key
+
+    config = plan.curriculum
+    if config is None:
+        raise SelfImproveError(
+            "the `curriculum` prompt source has no task family",
+            "set SELFIMPROVE_CURRICULUM_FAMILY (e.g. addition_digits)",
+        )
+    rates = previous_solve_rates(store, round_)
+    band, reason = cur.choose_band(
+        cur.rates_dict(rates), config.train_bands, config.target, config.start_band
+    )
+    eval_rows = cur.draw_eval(config, plan.n_eval, plan.seed)
+    exclude = {problem_key(p, a) for p, a, _ in eval_rows}
+    train_rows = cur.draw_train(config, band, n, plan.seed, round_index(round_), exclude)
+    rows = [(p, a, "eval") for p, a, _ in eval_rows] + [
+        (p, a, "train") for p, a, _, _ in train_rows
+    ]
+    frame = problem_rows(
+        round_,
+        rows,
+        task=config.family,
+        source="curriculum",
+        answer_source="generator",
+        band=[b for _, _, b in eval_rows] + [b for _, _, b, _ in train_rows],
+        role=[None] * len(eval_rows) + [r for _, _, _, r in train_rows],
+    )
+    chosen_rate = cur.rates_dict(rates).get(band)
+    row = {
+        **_split_counts(frame),
+        "chosen_band": band,
+        "chosen_band_solve_rate": chosen_rate,
+        "band_reason": reason,
+        "solve_rates": json.dumps(
+            {str(r["band"]): round(r["solve_rate"], 4) for r in rates.iter_rows(named=True)}
+        ),
+        "rates_from_round": previous_round(round_) if rates.height else None,
+        "train_by_band_role": json.dumps(
+            {f"{b}/{r}": c for (b, r), c in _count_band_roles(train_rows).items()}
+        ),
+        "eval_bands": ",".join(map(str, config.held_out_bands)),
+    }
+    return frame, row
+
+
+def previous_solve_rates(store: RoundStore, round_: str) -> pl.DataFrame:
+    """Solve rate per band of round N−1 (empty in round 0 or without its critiques)."""
+    parent = previous_round(round_)
+    if parent is None or not (store.has(parent, "prompts") and store.has(parent, "critiques")):
+        return cur.solve_rates(pl.DataFrame(), pl.DataFrame())
+    prompts = store.read(parent, "prompts").filter(pl.col("split") == "train")
+    return cur.solve_rates(prompts, store.read(parent, "critiques"))
+
+
+def synthesized_pool(store: RoundStore, round_: str) -> list[syn.PoolPrompt]:
+    """Prompts kept by every earlier round's synthesis, oldest first (their lineage)."""
+    pool: list[syn.PoolPrompt] = []
+    for index in range(round_index(round_)):
+        earlier = round_key(index)
+        if store.has(earlier, CANDIDATES_TABLE):
+            kept = store.read(earlier, CANDIDATES_TABLE).filter(pl.col("kept"))
+            pool += [
+                syn.PoolPrompt(pid, instruction, earlier)
+                for pid, instruction in kept.select("prompt_id", "instruction").iter_rows()
+            ]
+    return pool
+
+
+def _self_instruct(plan, n, store, round_, eval_rows, load_policy, log):
+    if plan.synthesis is None:
+        raise SelfImproveError(
+            "the `self_instruct` prompt source has no settings", "build the plan with synthesis"
+        )
+    from dataclasses import replace
+
+    seeds = syn.load_seed_tasks(plan.seed_tasks_path)
+    pool = synthesized_pool(store, round_)
+    config = replace(plan.synthesis, n=n, seed=plan.seed + round_index(round_))
+    engine = load_policy()
+    try:
+        candidates = syn.synthesize(engine, seeds, pool, eval_rows, config, round_, log=log)
+    finally:
+        engine.close()
+    kept = candidates.filter(pl.col("kept"))
+    n_kept = kept.height
+    frame = pl.DataFrame(
+        {
+            "round": [round_] * n_kept,
+            "prompt_id": kept["prompt_id"],
+            "prompt": kept["prompt"],
+            "answer": kept["answer"],
+            "split": ["train"] * n_kept,
+            "task": ["self_instruct"] * n_kept,
+            "source": ["self_instruct"] * n_kept,
+            "band": [None] * n_kept,
+            "role": [None] * n_kept,
+            "answer_source": ["ensemble_consensus"] * n_kept,
+            "answer_verified": [False] * n_kept,
+            "origin_round": [round_] * n_kept,
+            "seed_ids": kept["seed_ids"],
+            "parent_prompt_ids": kept["parent_prompt_ids"],
+        },
+        schema=PROMPT_SCHEMA,
+    )
+    row = {
+        "train_rows": n_kept,
+        "eval_rows": 0,
+        "requested": n,
+        "candidates": candidates.height,
+        "dedup_rate": round(syn.dedup_rate(candidates), 4),
+        "drop_counts": json.dumps(syn.drop_counts(candidates)),
+        "pool_from_earlier_rounds": len(pool),
+        "seed_tasks": len(seeds),
+    }
+    return frame, candidates, row
+
+
+_VERIFIABLE_SOURCES = {"task": _task, "dataset": _dataset, "curriculum": _curriculum}
+
+
+def _split_counts(frame: pl.DataFrame) -> dict[str, int]:
+    counts = dict(frame.group_by("split").len().iter_rows())
+    return {"train_rows": counts.get("train", 0), "eval_rows": counts.get("eval", 0)}
+
+
+def _count_band_roles(rows) -> dict[tuple[int, str], int]:
+    counts: dict[tuple[int, str], int] = {}
+    for _, _, band, role in rows:
+        counts[(band, role)] = counts.get((band, role), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# --- what the asset shows ----------------------------------------------------------------
+
+
+def summary(result: RoundPrompts) -> dict:
+    """Scalar metadata of the prompts stage: counts per split and source, the
+    curriculum's band and reason, the synthesis's kept / dropped counts and dedup rate."""
+    prompts = result.prompts
+    splits = dict(prompts.group_by("split").len().iter_rows())
+    by_source = dict(
+        prompts.filter(pl.col("split") == "train").group_by("source").len().iter_rows()
+    )
+    out: dict = {
+        "train_prompts": splits.get("train", 0),
+        "eval_prompts": splits.get("eval", 0),
+        "sources": ", ".join(
+            f"{r['source']}={r['weight']:g}" for r in result.mix.iter_rows(named=True)
+        ),
+        "dropped_at_assembly": result.notes.get("dropped_at_assembly", 0),
+        "unverified_train_prompts": prompts.filter(
+            (pl.col("split") == "train") & ~pl.col("answer_verified")
+        ).height,
+    }
+    out.update({f"train_prompts_{name}": int(n) for name, n in sorted(by_source.items())})
+    for row in result.mix.iter_rows(named=True):
+        if row["source"] == "curriculum":
+            out.update(
+                {
+                    k: row[k]
+                    for k in (
+                        "chosen_band",
+                        "chosen_band_solve_rate",
+                        "band_reason",
+                        "solve_rates",
+                        "rates_from_round",
+                        "train_by_band_role",
+                        "eval_bands",
+                    )
+                }
+            )
+        if row["source"] == "self_instruct":
+            out.update(
+                {
+                    "synthesized_kept": row["train_rows"],
+                    "synthesized_requested": row["requested"],
+                    "synthesis_candidates": row["candidates"],
+                    "dedup_rate": row["dedup_rate"],
+                    "pool_from_earlier_rounds": row["pool_from_earlier_rounds"],
+                    **{f"dropped_{k}": v for k, v in json.loads(row["drop_counts"]).items()},
+                }
+            )
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def describe(result: RoundPrompts) -> list[str]:
+    """Log lines: one per source."""
+    lines = []
+    for row in result.mix.iter_rows(named=True):
+        line = (
+            f"{row['source']} (weight {row['weight']:g}): "
+            f"{row['train_rows']} train, {row['eval_rows']} eval"
+        )
+        if row["source"] == "curriculum":
+            line += f"; band {row['chosen_band']}: {row['band_reason']}"
+        if row["source"] == "self_instruct":
+            line += (
+                f"; kept {row['train_rows']}/{row['requested']} of {row['candidates']} "
+                f"candidates, dedup rate {row['dedup_rate']:.1%}, dropped {row['drop_counts']}"
+            )
+        lines.append(line)
+    return lines
+
+
+def prompt_status(store: RoundStore, round_: str) -> dict:
+    """What `selfimprove status` shows of a round's prompts: the curriculum's band and
+    its solve rate in round N−1 (None without a curriculum), synthesized prompts kept."""
+    status: dict = {"band": None, "band_solve_rate": None, "synthesized": None}
+    if not store.has(round_, MIX_TABLE):
+        return status
+    for row in store.read(round_, MIX_TABLE).iter_rows(named=True):
+        if row["source"] == "curriculum":
+            status["band"] = row["chosen_band"]
+            status["band_solve_rate"] = row["chosen_band_solve_rate"]
+        if row["source"] == "self_instruct":
+            status["synthesized"] = row["train_rows"]
+    return status

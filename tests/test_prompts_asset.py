@@ -1,0 +1,149 @@
+"""The `prompts` asset through Dagster with each kind of source, and its blocking
+checks. A scripted policy (test-only fake) writes the Self-Instruct prompts."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pytest
+
+from assets import ROUND_CHECKS
+from assets.rounds import prompts
+from resources import (
+    EvolutionResource,
+    GatesResource,
+    GeneratorResource,
+    StorageResource,
+    TaskResource,
+)
+from selfimprove_dagster.storage import RoundStore
+from tests.conftest import SHARED_DATA
+from tests.test_synthesis import ScriptedSynthEngine
+
+PROMPTS_CHECKS = [c for c in ROUND_CHECKS if all(k.asset_key == prompts.key for k in c.check_keys)]
+SEED_FILE = str(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
+
+# What the scripted policy writes when asked for new tasks (one per request, in order).
+SCRIPTED_TASKS = [
+    "How many legs do 4 dogs have in total?",  # kept
+    "Draw a map of 3 cities.",  # blacklisted ("map" comes before "draw" in the list)
+    "How many legs do 4 dogs have in all?",  # near-duplicate of the first
+    "Is there anything I can eat for a breakfast that doesn't include eggs, yet includes "
+    "protein, and has roughly 700-1000 calories?",  # a seed task, copied
+    "How many days are in 3 weeks?",  # kept
+    "ok",  # too short
+    "How many wheels are on 6 tricycles?",  # kept
+    "What is the number of hours in 2 days?",  # kept
+] + [f"Task {i}: filler question number {i} about nothing?" for i in range(40)]
+
+
+class ScriptedPolicy(GeneratorResource):
+    def load(self, model_ref, models_dir):
+        return ScriptedSynthEngine(list(SCRIPTED_TASKS))
+
+
+def _materialize(data_dir, task: TaskResource, key="round_000"):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("rounds", [key])
+    return dg.materialize(
+        [prompts, *PROMPTS_CHECKS],
+        partition_key=key,
+        instance=instance,
+        resources={
+            "storage": StorageResource(data_dir=str(data_dir)),
+            "task": task,
+            "generator": ScriptedPolicy(base_model="scripted"),
+            "evolution": EvolutionResource(),
+            "gates": GatesResource(),
+        },
+        raise_on_error=False,
+    )
+
+
+def _checks(result) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def _metadata(result) -> dict:
+    materialization = result.asset_materializations_for_node("prompts")[0]
+    return {k: v.value for k, v in materialization.metadata.items()}
+
+
+def test_default_source_is_the_fixed_task(tmp_path):
+    result = _materialize(tmp_path, TaskResource(n_train=8, n_eval=6))
+    assert result.success
+    assert len(_checks(result)) == 5 and all(_checks(result).values())
+    table = RoundStore(tmp_path).read("round_000", "prompts")
+    assert table["source"].unique().to_list() == ["task"]
+    assert _metadata(result)["sources"] == "task=1"
+
+
+def test_curriculum_and_self_instruct_mixed_by_weight(tmp_path):
+    task = TaskResource(
+        n_train=20,
+        n_eval=10,
+        sources=["curriculum=0.8", "self_instruct=0.2"],
+        curriculum_bands=[1, 2, 3],
+        curriculum_eval_bands=[3],
+        seed_tasks_path=SEED_FILE,
+        synth_passes=2,
+        synth_oversample=2.0,
+    )
+    result = _materialize(tmp_path, task)
+    assert result.success
+    assert all(_checks(result).values()), _checks(result)
+    store = RoundStore(tmp_path)
+    table = store.read("round_000", "prompts")
+    train = table.filter(pl.col("split") == "train")
+    assert dict(train.group_by("source").len().iter_rows()) == {
+        "curriculum": 16,
+        "self_instruct": 4,
+    }
+    synthesized = train.filter(pl.col("source") == "self_instruct")
+    assert synthesized["prompt"].to_list()[:2] == [
+        "How many legs do 4 dogs have in total? Answer with just the number.",
+        "How many days are in 3 weeks? Answer with just the number.",
+    ]
+    assert all(len(s) == 4 for s in synthesized["seed_ids"])  # real seed ids
+    assert all(s.startswith("seed_task_") for ids in synthesized["seed_ids"] for s in ids)
+
+    candidates = store.read("round_000", "prompt_candidates")
+    reasons = dict(candidates.group_by("drop_reason").len().iter_rows())
+    assert reasons[None] == 4
+    assert reasons["blacklisted"] == 1 and reasons["too_short"] == 1
+    assert reasons["near_duplicate"] == 2  # the dog rephrasing and the copied seed task
+    metadata = _metadata(result)
+    assert metadata["chosen_band"] == 1
+    assert metadata["synthesized_kept"] == 4 and metadata["dropped_near_duplicate"] == 2
+    assert metadata["dedup_rate"] == pytest.approx(2 / 6, abs=1e-4)  # 6 reached the filter
+    assert json.loads(metadata["solve_rates"]) == {}  # round 0: nothing measured yet
+
+    # Provenance and drop reasons are queryable in the catalog.
+    with duckdb.connect(str(store.catalog_path), read_only=True) as con:
+        dropped = con.execute(
+            "SELECT drop_reason, count(*) FROM prompt_candidates WHERE NOT kept "
+            "GROUP BY drop_reason ORDER BY drop_reason"
+        ).fetchall()
+        assert ("near_duplicate", 2) in dropped
+        bands = con.execute(
+            "SELECT chosen_band, band_reason FROM prompt_mix WHERE chosen_band IS NOT NULL"
+        ).fetchall()
+        assert bands[0][0] == 1 and "start at band 1" in bands[0][1]
+
+
+def test_contamination_check_blocks_a_train_prompt_copying_an_eval_prompt(tmp_path):
+    dataset = tmp_path / "problems.jsonl"
+    rows = [
+        {"prompt": "What is 23 + 45?", "answer": 68, "split": "eval"},
+        {"prompt": "What is 11 + 12?", "answer": 23, "split": "eval"},
+        {"prompt": "Q: What is 23 + 45?", "answer": 68, "split": "train"},  # near copy
+        {"prompt": "What is 30 + 31?", "answer": 61, "split": "train"},
+    ]
+    dataset.write_text("\n".join(json.dumps(r) for r in rows))
+    result = _materialize(tmp_path, TaskResource(dataset_path=str(dataset), n_train=2, n_eval=2))
+    checks = _checks(result)
+    assert checks["check_no_contamination_prompts"] is False
+    assert checks["check_unique_prompts"] and checks["check_length_prompts"]
