@@ -130,15 +130,15 @@ def generations(
         store, round_, generator.temperature, evolution.auto_temperature
     )
     context.log.info(f"{round_}: policy {policy}; {temperature_reason}")
-    engine = generator.load(policy, store.models_dir)
-    frame = star.sample_generations(
-        engine,
-        store.read(round_, "prompts"),
-        round_,
-        generator.samples_per_prompt,
-        replace(generator.sampling(round_index(round_)), temperature=temperature),
-        log=context.log.info,
-    )
+    with generator.running(policy, store.models_dir) as engine:  # closed: frees a GPU
+        frame = star.sample_generations(
+            engine,
+            store.read(round_, "prompts"),
+            round_,
+            generator.samples_per_prompt,
+            replace(generator.sampling(round_index(round_)), temperature=temperature),
+            log=context.log.info,
+        )
     path = _save(context, store, "generations", frame)
     return dg.MaterializeResult(
         metadata={

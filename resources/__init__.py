@@ -395,6 +395,7 @@ class TrainerResource(dg.ConfigurableResource):
             batch_size=self.batch_size,
             seed=self.seed,
             beta=self.dpo_beta,
+            device=self.device,
         )
 
     def trained_from(self, policy: str, base_model: str) -> str:

@@ -78,6 +78,7 @@ def status_rows(store: RoundStore) -> list[dict]:
                 else scores["policy"],
                 "temperature": float(store.read(key, "generations")["temperature"][0]),
                 "balance_score": scores.get("balance_score"),
+                "method": scores.get("method") or "star",
                 "promoted": key == promoted,
                 "gates": gates[key],
                 **prompt_status(store, key),  # curriculum band, synthesized prompts
@@ -96,11 +97,13 @@ def format_status(rows: list[dict]) -> str:
     # Prompt-source columns only when a round has them (curriculum band, synthesized).
     bands = any(r.get("band") is not None for r in rows)
     synth = any(r.get("synthesized") is not None for r in rows)
+    methods = any(r.get("method", "star") != "star" for r in rows)
     lines = [
         f"{'round':<10} {'policy':<30} {'T':>4} {'kept':>5} {'acc before':>10} "
         f"{'acc after':>10} {'pass@k':>8} {'promoted':>8}"
         + (f" {'band (solve rate)':>17}" if bands else "")
         + (f" {'synth':>5}" if synth else "")
+        + (f" {'method':<28}" if methods else "")
         + "  gates"
     ]
     for r in rows:
@@ -115,6 +118,7 @@ def format_status(rows: list[dict]) -> str:
             f"{percent(r['pass_at_k']):>8} {'*' if r['promoted'] else '':>8}"
             + (f" {band:>17}" if bands else "")
             + (f" {synthesized:>5}" if synth else "")
+            + (f" {r.get('method', 'star'):<28}" if methods else "")
             + f"  {r['gates']}"
         )
     return "\n".join(lines)

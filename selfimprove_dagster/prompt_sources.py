@@ -17,7 +17,8 @@ eval (they have no ground truth).
 
 Every row of the round's table says where it came from (`source`, `band`, `role`,
 `answer_source`, `answer_verified`, `origin_round`, `seed_ids`, `parent_prompt_ids`).
-Train rows that repeat a held-out prompt or an earlier row are dropped at assembly.
+A prompt another source already gave is dropped at assembly (an artefact of mixing);
+a source's own repeats stay for the blocking checks on `prompts` to report.
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ def round_prompts(
     load_policy: Callable[[], GenerationEngine] | None = None,
     log: LogFn | None = None,
 ) -> RoundPrompts:
-    """Draw every source's share, assemble, drop train rows that repeat eval or earlier
-    rows. `load_policy` gives the round's policy (only self_instruct calls it)."""
+    """Draw every source's share and assemble them (`assemble`). `load_policy` gives
+    the round's policy (only self_instruct calls it)."""
     counts = allocate(plan.n_train, plan.weights)
     parts: list[pl.DataFrame] = []
     mix: list[dict] = []

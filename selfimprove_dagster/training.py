@@ -43,6 +43,7 @@ class TrainParams:
     max_length: int = 512  # truncate longer prompt+completion sequences
     seed: int = 0  # data order and LoRA init
     beta: float = 0.1  # DPO only: strength of the pull towards the reference policy
+    device: str = "cpu"  # "cpu" or "cuda" (the gpu and cluster profiles)
 
     def planned_steps(self, n_examples: int) -> int:
         return math.ceil(n_examples / self.batch_size) * self.epochs
@@ -126,9 +127,9 @@ def _trainer_args(params: TrainParams, output_dir: Path) -> dict[str, Any]:
         "warmup_steps": 0,
         "max_length": params.max_length,
         "seed": params.seed,
-        "bf16": False,  # no fast bf16 on this CPU (TRL defaults it on)
+        "bf16": False,  # fp32: no fast bf16 on CPU (TRL defaults it on); same on GPU
         "gradient_checkpointing": False,  # TRL's default; it only costs time on a 135M model
-        "use_cpu": True,
+        "use_cpu": params.device == "cpu",
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",

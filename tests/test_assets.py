@@ -222,7 +222,7 @@ def test_contaminated_prompt_blocks_training(tiny_model, tmp_path):
     evaluation = next(
         e
         for e in result.get_asset_check_evaluations()
-        if e.check_name == "check_no_contamination_filtered"
+        if e.check_name == "check_no_contamination_prompts"
     )
     assert not evaluation.passed
     offending = evaluation.metadata["contaminated_prompts"].value
@@ -230,7 +230,7 @@ def test_contaminated_prompt_blocks_training(tiny_model, tmp_path):
     from selfimprove_dagster.cli import run_failure_message
 
     message = run_failure_message(result)  # what `selfimprove run` prints
-    assert message.startswith("gate check_no_contamination_filtered failed:")
+    assert message.startswith("gate check_no_contamination_prompts failed:")
     assert not RoundStore(tmp_path).has_checkpoint("round_000")
 
 

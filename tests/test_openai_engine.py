@@ -103,7 +103,11 @@ class OpenAICompatibleServer:
         )
         with self.lock:
             engine = self.engine(body["model"])
-            if request.path == "/v1/chat/completions":
+            if request.path == "/v1/chat/completions" and body.get("continue_final_message"):
+                # vLLM's extension: the last (assistant) message is the reply's start.
+                user, prefix = (m["content"] for m in body["messages"][-2:])
+                out = engine.generate([user], body["n"], sampling, response_prefix=prefix)
+            elif request.path == "/v1/chat/completions":
                 out = engine.generate([body["messages"][-1]["content"]], body["n"], sampling)
             else:
                 out = engine.generate_text([body["prompt"]], body["n"], sampling)
@@ -191,6 +195,21 @@ def test_k_samples_per_prompt_prompt_major_and_seeded(
     # Token counts per sample come from the tokenizer; they match the engine's own.
     assert [c.completion_tokens for c in out] == [c.completion_tokens for c in expected]
     assert {e["model"] for e in server.log} == {server.base_name}
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_response_prefix_reaches_the_server(server, tiny_model, models_dir, prompts, endpoint):
+    engine = OpenAIEngine(tiny_model, models_dir, settings(server, endpoint=endpoint))
+    out = engine.generate(prompts[:2], 2, SAMPLING, response_prefix="Score:")
+    local = server.engine(server.base_name)
+    expected = []
+    for i, prompt in enumerate(prompts[:2]):
+        seeded = Sampling(**{**SAMPLING.__dict__, "seed": SAMPLING.seed * 1_000_003 + i})
+        expected += [
+            c.__class__(**{**c.__dict__, "prompt_index": i})
+            for c in local.generate([prompt], 2, seeded, response_prefix="Score:")
+        ]
+    assert fingerprint(out) == fingerprint(expected)
 
 
 def test_survives_503_429_and_a_slow_answer_without_losing_or_duplicating(

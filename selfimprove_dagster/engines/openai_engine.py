@@ -108,7 +108,12 @@ class OpenAIEngine(GenerationEngine):
     # -- generation ---------------------------------------------------------------
 
     def generate(
-        self, prompts: list[str], n: int, sampling: Sampling, log: LogFn | None = None
+        self,
+        prompts: list[str],
+        n: int,
+        sampling: Sampling,
+        log: LogFn | None = None,
+        response_prefix: str = "",
     ) -> list[Completion]:
         started, self.retries = time.monotonic(), 0
         results: dict[int, list[Completion]] = {}
@@ -118,7 +123,7 @@ class OpenAIEngine(GenerationEngine):
             ThreadPoolExecutor(max_workers=workers) as pool,
         ):
             futures = {
-                pool.submit(self._sample_prompt, i, prompt, n, sampling): i
+                pool.submit(self._sample_prompt, i, prompt, n, sampling, response_prefix): i
                 for i, prompt in enumerate(prompts)
             }
             try:
@@ -148,13 +153,18 @@ class OpenAIEngine(GenerationEngine):
             )
         return out
 
-    def _sample_prompt(self, index: int, prompt: str, n: int, sampling: Sampling):
-        body = self._request_body(prompt, n, sampling, seed=sampling.seed * 1_000_003 + index)
+    def _sample_prompt(
+        self, index: int, prompt: str, n: int, sampling: Sampling, response_prefix: str = ""
+    ):
+        seed = sampling.seed * 1_000_003 + index
+        body = self._request_body(prompt, n, sampling, seed, response_prefix)
         path = "/chat/completions" if self.settings.endpoint == "chat" else "/completions"
         response = self._post_with_retries(path, body)
         return self._completions(index, n, sampling, response)
 
-    def _request_body(self, prompt: str, n: int, sampling: Sampling, seed: int) -> dict:
+    def _request_body(
+        self, prompt: str, n: int, sampling: Sampling, seed: int, response_prefix: str = ""
+    ) -> dict:
         body: dict = {
             "model": self.model_name,
             "n": n,
@@ -168,8 +178,12 @@ class OpenAIEngine(GenerationEngine):
             body["seed"] = seed
         if self.settings.endpoint == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
+            if response_prefix:  # vLLM's extension: the reply continues the prefix
+                body["messages"].append({"role": "assistant", "content": response_prefix})
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
         else:
-            body["prompt"] = self._chat_text(prompt)
+            body["prompt"] = self._chat_text(prompt) + response_prefix
         return body
 
     def _completions(self, index: int, n: int, sampling: Sampling, response: dict):

@@ -164,12 +164,18 @@ class VllmEngine(GenerationEngine):
         )
 
     def generate(
-        self, prompts: list[str], n: int, sampling: Sampling, log: LogFn | None = None
+        self,
+        prompts: list[str],
+        n: int,
+        sampling: Sampling,
+        log: LogFn | None = None,
+        response_prefix: str = "",
     ) -> list[Completion]:
         from vllm import SamplingParams
 
         prompt_ids = [
-            self.tokenizer(self.chat_text(p), add_special_tokens=False).input_ids for p in prompts
+            self.tokenizer(self.chat_text(p) + response_prefix, add_special_tokens=False).input_ids
+            for p in prompts
         ]
         # vLLM refuses n > 1 with greedy decoding; the k greedy samples are one sample k times.
         copies = n if sampling.greedy else 1
