@@ -159,9 +159,7 @@ def generations(
     )
 
 
-@dg.asset(
-    partitions_def=ROUNDS, group_name="critique", kinds=ROUND_KINDS, deps=[generations]
-)
+@dg.asset(partitions_def=ROUNDS, group_name="critique", kinds=ROUND_KINDS, deps=[generations])
 def critiques(
     context: dg.AssetExecutionContext,
     storage: StorageResource,
