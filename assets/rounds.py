@@ -198,7 +198,7 @@ def critiques(
             "method": recipe.name,
             "critics": ", ".join(frame["critic"].unique(maintain_order=True)),
             **critique_rates(frame),
-            **methods.method_metrics(recipe, frame),
+            **{k: v for k, v in methods.method_metrics(recipe, frame).items() if v is not None},
             "path": str(path),
             "preview": _preview(frame, ["critic", "verdict", "reason", "score", "critique"]),
         }
