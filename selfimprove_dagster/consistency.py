@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from selfimprove_dagster.verify import extract_answer, ground_truth
+from selfimprove_dagster import critique_rows
+from selfimprove_dagster.verify import extract_answer
 
 CRITIC = "majority_vote"
 
@@ -78,17 +79,7 @@ def critique_by_majority(
 
 
 CRITIQUE_SCHEMA = {
-    "round": pl.String,
-    "generation_id": pl.String,
-    "prompt_id": pl.String,
-    "critic": pl.String,
-    "verdict": pl.String,
-    "correct": pl.Boolean,
-    "extracted_answer": pl.String,
-    "reference_answer": pl.String,
-    "reason": pl.String,
-    "score": pl.Float64,
-    "critique": pl.String,
+    **critique_rows.CRITIQUE_SCHEMA,
     "pseudo_label": pl.String,
     "agreement": pl.Float64,
 }
@@ -107,17 +98,15 @@ def _row(g: dict, answer: str | None, vote: Vote, shares: Counter, reference) ->
         else f"no pseudo-label ({vote.reason}, top answer {vote.votes}/{vote.n} samples)"
     )
     return {
-        "round": g["round"],
-        "generation_id": g["generation_id"],
-        "prompt_id": g["prompt_id"],
-        "critic": CRITIC,
-        "verdict": "accept" if reason == "agrees" else "reject",
-        "correct": ground_truth(g["completion"], reference),
-        "extracted_answer": answer,
-        "reference_answer": None if reference is None else str(reference),
-        "reason": reason,
-        "score": shares[answer] / vote.n if answer is not None else 0.0,
-        "critique": label_text,
+        **critique_rows.critique_row(
+            g,
+            CRITIC,
+            accepted=reason == "agrees",
+            reference=reference,
+            reason=reason,
+            score=shares[answer] / vote.n if answer is not None else 0.0,
+            critique=label_text,
+        ),
         "pseudo_label": vote.label,
         "agreement": vote.agreement,
     }

@@ -22,10 +22,10 @@ import re
 
 import polars as pl
 
+from selfimprove_dagster import critique_rows
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.prompting import load_template, render
-from selfimprove_dagster.verify import extract_answer, ground_truth
 
 CRITIC = "policy_judge"
 RUBRIC_TEMPLATE = "judge_rubric.txt"
@@ -97,20 +97,17 @@ def critique_by_judge(
     for g in keyed.join(judged, on=["prompt_id", "_key"], how="left").iter_rows(named=True):
         scores = [s for s in map(parse_judge_score, g["_replies"]) if s is not None]
         points = sum(scores) / len(scores) if scores else None
-        reference = references.get(g["prompt_id"])
         rows.append(
             {
-                "round": g["round"],
-                "generation_id": g["generation_id"],
-                "prompt_id": g["prompt_id"],
-                "critic": CRITIC,
-                "verdict": "accept" if points is not None and points >= accept_points else "reject",
-                "correct": ground_truth(g["completion"], reference),
-                "extracted_answer": extract_answer(g["completion"]),
-                "reference_answer": None if reference is None else str(reference),
-                "reason": "unparseable" if points is None else "judged",
-                "score": None if points is None else points / MAX_POINTS,
-                "critique": " | ".join(g["_replies"]),
+                **critique_rows.critique_row(
+                    g,
+                    CRITIC,
+                    accepted=points is not None and points >= accept_points,
+                    reference=references.get(g["prompt_id"]),
+                    reason="unparseable" if points is None else "judged",
+                    score=None if points is None else points / MAX_POINTS,
+                    critique=" | ".join(g["_replies"]),
+                ),
                 "judge_points": points,
                 "judge_replies": len(g["_replies"]),
                 "judge_parsed": len(scores),
@@ -120,17 +117,7 @@ def critique_by_judge(
 
 
 CRITIQUE_SCHEMA = {
-    "round": pl.String,
-    "generation_id": pl.String,
-    "prompt_id": pl.String,
-    "critic": pl.String,
-    "verdict": pl.String,
-    "correct": pl.Boolean,
-    "extracted_answer": pl.String,
-    "reference_answer": pl.String,
-    "reason": pl.String,
-    "score": pl.Float64,
-    "critique": pl.String,
+    **critique_rows.CRITIQUE_SCHEMA,
     "judge_points": pl.Float64,
     "judge_replies": pl.Int64,
     "judge_parsed": pl.Int64,

@@ -25,11 +25,12 @@ from typing import Literal
 
 import polars as pl
 
+from selfimprove_dagster import critique_rows
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.ids import refined_generation_id
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.prompting import load_template, render
-from selfimprove_dagster.verify import extract_answer, ground_truth, verify
+from selfimprove_dagster.verify import verify
 
 CRITIC = "refiner"
 Feedback = Literal["critic", "self"]
@@ -185,36 +186,17 @@ def critique_refinements(
         else:
             outcome = "repaired" if accepted else "still_rejected"
         rows.append(
-            {
-                "round": r["round"],
-                "generation_id": r["generation_id"],
-                "prompt_id": r["prompt_id"],
-                "critic": CRITIC,
-                "verdict": "accept" if accepted else "reject",
-                "correct": ground_truth(r["completion"], reference),
-                "extracted_answer": extract_answer(r["completion"]),
-                "reference_answer": None if reference is None else str(reference),
-                "reason": outcome,
-                "score": 1.0 if accepted else 0.0,
-                "critique": r["feedback"],
-            }
+            critique_rows.critique_row(
+                r,
+                CRITIC,
+                accepted=accepted,
+                reference=reference,
+                reason=outcome,
+                score=1.0 if accepted else 0.0,
+                critique=r["feedback"],
+            )
         )
-    return pl.DataFrame(rows, schema=REFINED_CRITIQUE_SCHEMA)
-
-
-REFINED_CRITIQUE_SCHEMA = {
-    "round": pl.String,
-    "generation_id": pl.String,
-    "prompt_id": pl.String,
-    "critic": pl.String,
-    "verdict": pl.String,
-    "correct": pl.Boolean,
-    "extracted_answer": pl.String,
-    "reference_answer": pl.String,
-    "reason": pl.String,
-    "score": pl.Float64,
-    "critique": pl.String,
-}
+    return pl.DataFrame(rows, schema=critique_rows.CRITIQUE_SCHEMA)
 
 
 def refinement_stats(critiques: pl.DataFrame) -> dict[str, float | int | None]:
