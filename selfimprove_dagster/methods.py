@@ -24,6 +24,7 @@ import polars as pl
 from selfimprove_dagster import consistency, judge, refine, star
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.ids import content_hash
 from selfimprove_dagster.progress import LogFn
 
 CRITICS = ("star", "self_consistency", "self_judge")
@@ -198,8 +199,6 @@ def training_examples(recipe: Recipe, filtered: pl.DataFrame) -> list[dict[str, 
 
 def filtered_content_hash(filtered: pl.DataFrame) -> str:
     """What the checkpoint was trained on (a DPO pair's loser counts too)."""
-    from selfimprove_dagster.ids import content_hash
-
     if "rejected_completion" not in filtered.columns:
         return star.filtered_content_hash(filtered)
     columns = ["generation_id", "prompt", "completion", "rejected_completion"]

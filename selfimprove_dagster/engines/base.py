@@ -61,3 +61,20 @@ class GenerationEngine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the model (engines that hold a GPU or a server override this)."""
+
+
+def chat_text(tokenizer, prompt: str) -> str:
+    """`prompt` as a user message in the model's chat template, ready for the reply."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def generation_stats(completions: list[Completion], seconds: float) -> dict[str, float]:
+    """What every engine reports in `last_stats` after a `generate` call."""
+    new_tokens = sum(c.completion_tokens for c in completions)
+    return {
+        "rows": len(completions),
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_s": new_tokens / max(seconds, 1e-9),
+    }

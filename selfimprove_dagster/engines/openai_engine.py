@@ -33,7 +33,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
+from selfimprove_dagster.engines.base import (
+    Completion,
+    GenerationEngine,
+    Sampling,
+    chat_text,
+    generation_stats,
+)
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.models import EMBEDDED_PREFIX, is_checkpoint, trained_from
 from selfimprove_dagster.progress import LogFn, Progress
@@ -137,19 +143,13 @@ class OpenAIEngine(GenerationEngine):
         assert [(c.prompt_index, c.sample_index) for c in out] == [
             (i, s) for i in range(len(prompts)) for s in range(n)
         ], "lost or duplicated completions"
-        seconds = time.monotonic() - started
-        new_tokens = sum(c.completion_tokens for c in out)
-        self.last_stats = {
-            "rows": len(out),
-            "new_tokens": new_tokens,
-            "seconds": seconds,
-            "tokens_per_s": new_tokens / max(seconds, 1e-9),
-            "retries": self.retries,
-        }
+        stats = generation_stats(out, time.monotonic() - started)
+        self.last_stats = {**stats, "retries": self.retries}
         if log:
             log(
                 f"generated {len(out)} completions from {self.base_url} ({self.model_name}), "
-                f"{new_tokens} new tokens in {seconds:.1f} s, {self.retries} request(s) retried"
+                f"{stats['new_tokens']} new tokens in {stats['seconds']:.1f} s, "
+                f"{self.retries} request(s) retried"
             )
         return out
 
@@ -323,10 +323,7 @@ class OpenAIEngine(GenerationEngine):
             return None
 
     def _chat_text(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": prompt}]
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        return chat_text(self.tokenizer, prompt)
 
 
 def _retry_after(value: str | None) -> float:

@@ -16,7 +16,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
+from selfimprove_dagster.engines.base import (
+    Completion,
+    GenerationEngine,
+    Sampling,
+    chat_text,
+    generation_stats,
+)
 from selfimprove_dagster.models import load_model, load_tokenizer
 from selfimprove_dagster.progress import LogFn, Progress
 
@@ -44,10 +50,7 @@ class TransformersEngine(GenerationEngine):
         self.last_stats: dict[str, float] = {}
 
     def chat_text(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": prompt}]
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        return chat_text(self.tokenizer, prompt)
 
     def generate(
         self,
@@ -69,27 +72,22 @@ class TransformersEngine(GenerationEngine):
         # By length (little padding), keeping a prompt's samples together (prefix sharing).
         rows.sort(key=lambda row: (len(prompt_ids[row[0]]), row[0], row[1]))
         results: dict[tuple[int, int], Completion] = {}
-        started, new_tokens = time.monotonic(), 0
+        started = time.monotonic()
         with Progress("generate", len(rows), log=log) as progress:
             for batch_number, start in enumerate(range(0, len(rows), self.batch_size)):
                 batch = rows[start : start + self.batch_size]
                 for completion in self._generate_batch(batch, prompt_ids, sampling, batch_number):
                     results[(completion.prompt_index, completion.sample_index)] = completion
-                    new_tokens += completion.completion_tokens
                 progress.update(len(batch))
-        seconds = time.monotonic() - started
-        self.last_stats = {
-            "rows": len(rows),
-            "new_tokens": new_tokens,
-            "seconds": seconds,
-            "tokens_per_s": new_tokens / max(seconds, 1e-9),
-        }
+        completions = [results[row] for row in sorted(results)]
+        self.last_stats = generation_stats(completions, time.monotonic() - started)
         if log:
+            stats = self.last_stats
             log(
-                f"generated {len(rows)} completions, {new_tokens} new tokens in {seconds:.1f} s "
-                f"({self.last_stats['tokens_per_s']:.0f} tokens/s)"
+                f"generated {len(rows)} completions, {stats['new_tokens']} new tokens in "
+                f"{stats['seconds']:.1f} s ({stats['tokens_per_s']:.0f} tokens/s)"
             )
-        return [results[row] for row in sorted(results)]
+        return completions
 
     def _generate_batch(
         self,

@@ -36,7 +36,13 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
+from selfimprove_dagster.engines.base import (
+    Completion,
+    GenerationEngine,
+    Sampling,
+    chat_text,
+    generation_stats,
+)
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.models import (
     is_checkpoint,
@@ -158,10 +164,7 @@ class VllmEngine(GenerationEngine):
             log(f"vLLM engine ready in {self.start_seconds:.1f} s")
 
     def chat_text(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": prompt}]
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        return chat_text(self.tokenizer, prompt)
 
     def generate(
         self,
@@ -216,17 +219,11 @@ class VllmEngine(GenerationEngine):
                         finish_reason="length" if sample.finish_reason == "length" else "stop",
                     )
                 )
-        new_tokens = sum(c.completion_tokens for c in completions)
-        self.last_stats = {
-            "rows": len(completions),
-            "new_tokens": new_tokens,
-            "seconds": seconds,
-            "tokens_per_s": new_tokens / max(seconds, 1e-9),
-            "start_seconds": self.start_seconds,
-        }
+        stats = generation_stats(completions, seconds)
+        self.last_stats = {**stats, "start_seconds": self.start_seconds}
         if log:
             log(
-                f"generated {len(completions)} completions, {new_tokens} new tokens in "
+                f"generated {len(completions)} completions, {stats['new_tokens']} new tokens in "
                 f"{seconds:.1f} s ({self.last_stats['tokens_per_s']:.0f} tokens/s; engine start "
                 f"{self.start_seconds:.0f} s)"
             )
