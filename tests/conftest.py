@@ -29,19 +29,20 @@ def embedded_folder(models_dir) -> Path:
     return embedded_model_folder("smollm2-135m-instruct", models_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(embedded_folder, tmp_path_factory) -> str:
-    """A 2-layer random Llama with the real tokenizer and chat template (~3 M params)."""
+def build_tiny_llama(tokenizer_folder: Path, folder: Path, head_dim: int = 8) -> str:
+    """A 2-layer random Llama (seed 0) with the real tokenizer and chat template, saved
+    in `folder`: 4 heads of `head_dim` (2 key/value heads), MLP twice the hidden size."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    heads = 4
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=heads * head_dim,
+        intermediate_size=2 * heads * head_dim,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
@@ -50,10 +51,15 @@ def tiny_model(embedded_folder, tmp_path_factory) -> str:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(embedded_folder, tmp_path_factory) -> str:
+    """A 2-layer random Llama with the real tokenizer and chat template (~3 M params)."""
+    return build_tiny_llama(embedded_folder, tmp_path_factory.mktemp("tiny-llama"))
 
 
 class ScriptedEngine(GenerationEngine):

