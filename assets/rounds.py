@@ -65,29 +65,42 @@ def prompts(
     generator: GeneratorResource,
     evolution: EvolutionResource,
     gates: GatesResource,
+    method: MethodResource,
 ) -> dg.MaterializeResult:
     """The round's problems from its prompt sources (`task.sources`: task, dataset,
     curriculum, self_instruct, mixed by weight): train prompts (sampled from) and the
     fixed held-out eval prompts (scored only, never trained on). Self-Instruct writes
-    new prompts with the round's policy; every candidate, kept or dropped with its
-    reason, goes to table `prompt_candidates`; one row per source to `prompt_mix`.
+    new prompts with the round's policy, and the curriculum measures that policy's
+    solve rate per band (every sample to table `curriculum_measure`). Every synthesis
+    candidate, kept or dropped with its reason, goes to table `prompt_candidates`; one
+    row per source to `prompt_mix`.
 
     Columns: round, prompt_id, prompt, answer, split (train/eval), task, source, band,
     role (curriculum: chosen/replay/probe), answer_source, answer_verified (False: a
     model-made answer), origin_round, seed_ids, parent_prompt_ids.
     """
     store, round_ = storage.store(), context.partition_key
+    method.recipe()  # an unknown method fails here, before anything is sampled
     plan = task.plan(generator.max_new_tokens, gates.near_duplicate_threshold)
 
     def load_policy() -> GenerationEngine:
         policy, _ = round_policy(store, round_, generator.base_model, evolution.policy)
-        context.log.info(f"{round_}: self-instruct writes prompts with {policy}")
+        context.log.info(f"{round_}: prompts stage loads the round's policy {policy}")
         return generator.load(policy, store.models_dir)
 
-    result = prompt_sources.round_prompts(plan, store, round_, load_policy, context.log.info)
+    result = prompt_sources.round_prompts(
+        plan,
+        store,
+        round_,
+        load_policy,
+        context.log.info,
+        sampling=generator.sampling(round_index(round_)),
+    )
     path = _save(context, store, "prompts", result.prompts)
     _save(context, store, prompt_sources.MIX_TABLE, result.mix)
     extra = {}
+    if result.measurements is not None:
+        _save(context, store, prompt_sources.MEASURE_TABLE, result.measurements)
     if result.candidates is not None:
         _save(context, store, prompt_sources.CANDIDATES_TABLE, result.candidates)
         dropped = result.candidates.filter(~pl.col("kept"))

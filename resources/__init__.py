@@ -123,7 +123,20 @@ class TaskResource(dg.ConfigurableResource):
         default=8, description="curriculum: train prompts from every other band (measures it)."
     )
     curriculum_start_band: int = Field(
-        default=0, description="curriculum: round 0's band (0 = the easiest)."
+        default=0,
+        description="curriculum: round 0's band (0 = measured with measure=policy, else the "
+        "easiest).",
+    )
+    curriculum_measure: str = Field(
+        default="policy",
+        description="curriculum: where solve rates come from: policy (the round's policy "
+        "answers a few problems per band first) or previous_round (round N-1's critiques).",
+    )
+    curriculum_measure_per_band: int = Field(
+        default=16, description="curriculum, measure=policy: problems per band."
+    )
+    curriculum_measure_samples: int = Field(
+        default=4, description="curriculum, measure=policy: samples per problem."
     )
     seed_tasks_path: str = Field(
         default="../shared/data/self_instruct/seed_tasks.jsonl",
@@ -177,6 +190,9 @@ class TaskResource(dg.ConfigurableResource):
                 replay_fraction=self.curriculum_replay,
                 probe_per_band=self.curriculum_probe,
                 start_band=self.curriculum_start_band or None,
+                measure=self.curriculum_measure,
+                measure_per_band=self.curriculum_measure_per_band,
+                measure_samples=self.curriculum_measure_samples,
             )
         synthesis = None
         if "self_instruct" in weights:

@@ -4,21 +4,31 @@ always right nor always wrong.
 A task family (`tasks.FAMILIES`) has difficulty bands (e.g. digits per operand). Each
 round the curriculum
 
-1. measures the solve rate per band from round N−1's critiques (the fraction of that
-   round's sampled answers the verifier accepted, joined on `prompt_id` with its
-   prompts, which carry the `band` column),
+1. measures the solve rate per band (the fraction of sampled answers the verifier
+   accepts), in one of two ways (`measure`):
+   - `policy` (default): the round's own policy answers `measure_per_band` fresh
+     problems per band, `measure_samples` times each, before the round's prompts are
+     drawn (`measure_policy`). This is the model that will generate the round, so the
+     choice is never a round late; it costs a few hundred short samples.
+   - `previous_round`: round N−1's critiques joined on `prompt_id` with its prompts
+     (which carry `band`). Free, but those answers came from round N−1's policy,
+     before its training: after a round that taught a lot the curriculum still sees
+     the weaker model and stays on a band the policy has outgrown.
+     (Seen on SmolLM2-135M: the base model's round_000 generations put band 1 at
+     0.30, so round_001 trained on band 1 again, although round_000's checkpoint,
+     sampling in round_001, then solved band 1 at 0.85.)
 2. chooses the band whose solve rate is closest to `target` (B-STaR / Auto-CEI / eva:
    the prompts that teach most are the ones the policy sometimes solves), and records
    why,
 3. draws the round's train prompts: most from the chosen band, `replay_fraction` from
-   easier bands (against forgetting), and `probe_per_band` from every band so that
-   the next round has a solve rate for every band to choose from.
+   easier bands (against forgetting), and `probe_per_band` from every other band (with
+   measure=previous_round, so that the next round has a solve rate for every band).
 
 The held-out set is fixed across rounds (`eval_bands`, drawn once from the seed):
 only the train prompts move, so accuracy before -> after stays comparable.
 
-    rates = solve_rates(previous_prompts, previous_critiques)
-    band, reason = choose_band(rates, bands=(1, 2, 3), target=0.5)
+    rates, samples = measure_policy(engine, config, seed, round_number, exclude, sampling)
+    band, reason = choose_band(rates_dict(rates), bands=(1, 2, 3), target=0.5)
     rows = draw_train(family, band, bands, n=200, replay_fraction=0.2, probe_per_band=8, ...)
 """
 
@@ -30,11 +40,17 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.ids import prompt_id
+from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.tasks import FAMILIES, TaskFamily, draw_problems, problem_key
+from selfimprove_dagster.verify import verify
 
 # Why a train row of a curriculum round is there.
 ROLE_CHOSEN, ROLE_REPLAY, ROLE_PROBE = "chosen", "replay", "probe"
+# Where the solve rates per band come from (see the module docstring).
+MEASURE_POLICY, MEASURE_PREVIOUS_ROUND = "policy", "previous_round"
 
 
 @dataclass(frozen=True)
@@ -47,7 +63,10 @@ class CurriculumConfig:
     target: float = 0.5  # solve rate the chosen band should be closest to
     replay_fraction: float = 0.2  # share of train prompts drawn from easier bands
     probe_per_band: int = 8  # train prompts from every band, to measure all solve rates
-    start_band: int | None = None  # round 0's band (None: the easiest)
+    start_band: int | None = None  # round 0's band (None: the easiest / the measured one)
+    measure: str = MEASURE_POLICY  # where solve rates come from: policy / previous_round
+    measure_per_band: int = 16  # measure=policy: problems per band the policy answers
+    measure_samples: int = 4  # measure=policy: samples per problem
 
     def __post_init__(self) -> None:
         family = family_of(self.family)
@@ -62,6 +81,18 @@ class CurriculumConfig:
             raise SelfImproveError(
                 f"curriculum target={self.target}, replay_fraction={self.replay_fraction}",
                 "use a target in 0..1 and a replay fraction in 0..1 (excluded)",
+            )
+        if self.measure not in (MEASURE_POLICY, MEASURE_PREVIOUS_ROUND):
+            raise SelfImproveError(
+                f"curriculum measure {self.measure!r} is unknown",
+                f"use {MEASURE_POLICY!r} (the round's policy answers a few problems per band) "
+                f"or {MEASURE_PREVIOUS_ROUND!r} (round N-1's critiques)",
+            )
+        if self.measure_per_band < 1 or self.measure_samples < 1:
+            raise SelfImproveError(
+                f"curriculum measures {self.measure_per_band} problems x "
+                f"{self.measure_samples} samples per band",
+                "use at least 1 problem and 1 sample per band",
             )
         if self.start_band is not None and self.start_band not in self.train_bands:
             raise SelfImproveError(
@@ -120,6 +151,58 @@ def solve_rates(prompts: pl.DataFrame, critiques: pl.DataFrame) -> pl.DataFrame:
         .with_columns(pl.col("band").cast(pl.Int64))
         .sort("band")
     )
+
+
+def measure_policy(
+    engine: GenerationEngine,
+    config: CurriculumConfig,
+    seed: int,
+    round_number: int,
+    exclude: set[object],
+    sampling: Sampling,
+    log: LogFn | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Solve rate per band of `engine` itself: `measure_per_band` fresh problems per
+    train band (never one of `exclude`, the held-out problems), `measure_samples`
+    samples each, checked by the verifier.
+
+    Returns (rates as `solve_rates` gives them, one row per sample: band, prompt_id,
+    prompt, answer, sample_index, completion, correct). The problems are measured
+    only, never trained on.
+    """
+    family = family_of(config.family)
+    problems: list[tuple[str, str, int]] = []
+    for band in config.train_bands:
+        rng = random.Random(f"measure:{config.family}:{band}:{seed}:{round_number}")
+        drawn = draw_problems(family.bands[band], config.measure_per_band, rng, exclude)
+        problems += [(p, a, band) for p, a in drawn]
+    completions = engine.generate(
+        [p for p, _, _ in problems], config.measure_samples, sampling, log=log
+    )
+    samples = pl.DataFrame(
+        [
+            {
+                "band": problems[c.prompt_index][2],
+                "prompt_id": prompt_id(problems[c.prompt_index][0]),
+                "prompt": problems[c.prompt_index][0],
+                "answer": problems[c.prompt_index][1],
+                "sample_index": c.sample_index,
+                "completion": c.text,
+                "correct": verify(c.text, problems[c.prompt_index][1]).correct,
+            }
+            for c in completions
+        ],
+        schema={
+            "band": pl.Int64,
+            "prompt_id": pl.String,
+            "prompt": pl.String,
+            "answer": pl.String,
+            "sample_index": pl.Int64,
+            "completion": pl.String,
+            "correct": pl.Boolean,
+        },
+    )
+    return solve_rates(samples.select("prompt_id", "band"), samples), samples
 
 
 def rates_dict(rates: pl.DataFrame) -> dict[int, float]:
@@ -185,7 +268,9 @@ def allocate_train(
     """How many train prompts each (band, role) gets out of `n`.
 
     Probes first (`probe_per_band` from every band other than the chosen one, so every
-    band gets measured; together at most a quarter of `n`), then replay
+    band gets measured when solve rates come from the previous round; with
+    measure=policy they are a little practice at every band; together at most a quarter
+    of `n`), then replay
     (`replay_fraction` of `n`, spread over the bands easier than the chosen one; none
     when it is the easiest), the rest from the chosen band.
     """

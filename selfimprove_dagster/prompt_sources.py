@@ -31,7 +31,7 @@ import polars as pl
 
 from selfimprove_dagster import curriculum as cur
 from selfimprove_dagster import synthesis as syn
-from selfimprove_dagster.engines.base import GenerationEngine
+from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
 from selfimprove_dagster.progress import LogFn
@@ -60,6 +60,7 @@ PROMPT_SCHEMA: dict[str, pl.DataType] = {
 
 CANDIDATES_TABLE = "prompt_candidates"
 MIX_TABLE = "prompt_mix"
+MEASURE_TABLE = "curriculum_measure"  # the policy's answers the band choice rests on
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class RoundPrompts:
     prompts: pl.DataFrame
     candidates: pl.DataFrame | None
     mix: pl.DataFrame  # one row per source: weight, train/eval rows, choice and reason
+    measurements: pl.DataFrame | None = None  # curriculum measure=policy: every sample
     notes: dict = field(default_factory=dict)  # metadata for the asset
 
 
@@ -149,15 +151,23 @@ def round_prompts(
     round_: str,
     load_policy: Callable[[], GenerationEngine] | None = None,
     log: LogFn | None = None,
+    sampling: Sampling | None = None,
 ) -> RoundPrompts:
     """Draw every source's share and assemble them (`assemble`). `load_policy` gives
-    the round's policy (only self_instruct calls it)."""
+    the round's policy (self_instruct writes with it; the curriculum measures it, with
+    `sampling`, the round's sampling settings)."""
     counts = allocate(plan.n_train, plan.weights)
     parts: list[pl.DataFrame] = []
     mix: list[dict] = []
     notes: dict = {}
+    measurements = None
     for name in (s for s in VERIFIABLE if s in plan.weights):
-        frame, row = _VERIFIABLE_SOURCES[name](plan, counts[name], store, round_)
+        if name == "curriculum":
+            frame, row, measurements = _curriculum(
+                plan, counts[name], store, round_, load_policy, sampling or Sampling(), log
+            )
+        else:
+            frame, row = _VERIFIABLE_SOURCES[name](plan, counts[name], store, round_)
         parts.append(frame)
         mix.append({"source": name, "weight": plan.weights[name], **row})
     eval_rows = pl.concat([p.filter(pl.col("split") == "eval") for p in parts])
@@ -176,7 +186,7 @@ def round_prompts(
     prompts, dropped = assemble(parts)
     notes["dropped_at_assembly"] = dropped
     mix_frame = pl.DataFrame([{"round": round_, **r} for r in mix], infer_schema_length=None)
-    return RoundPrompts(prompts, candidates, mix_frame, notes)
+    return RoundPrompts(prompts, candidates, mix_frame, measurements=measurements, notes=notes)
 
 
 def assemble(parts: Sequence[pl.DataFrame]) -> tuple[pl.DataFrame, int]:
@@ -263,7 +273,15 @@ def _dataset(plan: PromptPlan, n: int, store: RoundStore, round_: str):
     return frame, _split_counts(frame)
 
 
-def _curriculum(plan: PromptPlan, n: int, store: RoundStore, round_: str):
+def _curriculum(
+    plan: PromptPlan,
+    n: int,
+    store: RoundStore,
+    round_: str,
+    load_policy: Callable[[], GenerationEngine] | None,
+    sampling: Sampling,
+    log: LogFn | None,
+):
     from selfimprove_dagster.tasks import problem_key
 
     config = plan.curriculum
@@ -272,12 +290,14 @@ def _curriculum(plan: PromptPlan, n: int, store: RoundStore, round_: str):
             "the `curriculum` prompt source has no task family",
             "set SELFIMPROVE_CURRICULUM_FAMILY (e.g. addition_digits)",
         )
-    rates = previous_solve_rates(store, round_)
+    eval_rows = cur.draw_eval(config, plan.n_eval, plan.seed)
+    exclude = {problem_key(p, a) for p, a, _ in eval_rows}
+    rates, measured_on, measurements = curriculum_solve_rates(
+        config, plan.seed, store, round_, exclude, load_policy, sampling, log
+    )
     band, reason = cur.choose_band(
         cur.rates_dict(rates), config.train_bands, config.target, config.start_band
     )
-    eval_rows = cur.draw_eval(config, plan.n_eval, plan.seed)
-    exclude = {problem_key(p, a) for p, a, _ in eval_rows}
     train_rows = cur.draw_train(config, band, n, plan.seed, round_index(round_), exclude)
     rows = [(p, a, "eval") for p, a, _ in eval_rows] + [
         (p, a, "train") for p, a, _, _ in train_rows
@@ -300,13 +320,56 @@ def _curriculum(plan: PromptPlan, n: int, store: RoundStore, round_: str):
         "solve_rates": json.dumps(
             {str(r["band"]): round(r["solve_rate"], 4) for r in rates.iter_rows(named=True)}
         ),
-        "rates_from_round": previous_round(round_) if rates.height else None,
+        "rates_from_round": previous_round(round_)
+        if rates.height and config.measure == cur.MEASURE_PREVIOUS_ROUND
+        else None,
+        "rates_measured_on": measured_on,
         "train_by_band_role": json.dumps(
             {f"{b}/{r}": c for (b, r), c in _count_band_roles(train_rows).items()}
         ),
         "eval_bands": ",".join(map(str, config.held_out_bands)),
     }
-    return frame, row
+    return frame, row, measurements
+
+
+def curriculum_solve_rates(
+    config: cur.CurriculumConfig,
+    seed: int,
+    store: RoundStore,
+    round_: str,
+    exclude: set[object],
+    load_policy: Callable[[], GenerationEngine] | None,
+    sampling: Sampling,
+    log: LogFn | None,
+) -> tuple[pl.DataFrame, str | None, pl.DataFrame | None]:
+    """(solve rates per band, what they were measured on, the measuring samples).
+
+    measure=policy: the round's policy answers a few problems per band now (round 0
+    too, unless a start band is set); the samples table gains `round` and `policy`.
+    measure=previous_round: round N−1's critiques."""
+    empty = cur.solve_rates(pl.DataFrame(), pl.DataFrame())
+    if config.measure == cur.MEASURE_PREVIOUS_ROUND:
+        rates = previous_solve_rates(store, round_)
+        return rates, f"{previous_round(round_)} generations" if rates.height else None, None
+    if round_index(round_) == 0 and config.start_band is not None:
+        return empty, None, None
+    if load_policy is None:
+        raise SelfImproveError(
+            "the curriculum measures the round's policy, but no policy was given",
+            "pass load_policy (the prompts asset does), or set curriculum measure to "
+            "previous_round",
+        )
+    engine = load_policy()
+    try:
+        rates, samples = cur.measure_policy(
+            engine, config, seed, round_index(round_), exclude, sampling, log
+        )
+    finally:
+        engine.close()
+    samples = samples.select(pl.lit(round_).alias("round"), pl.all()).with_columns(
+        policy=pl.lit(engine.model_ref)
+    )
+    return rates, f"policy {engine.model_ref}", samples
 
 
 def previous_solve_rates(store: RoundStore, round_: str) -> pl.DataFrame:
@@ -430,6 +493,7 @@ def summary(result: RoundPrompts) -> dict:
                         "band_reason",
                         "solve_rates",
                         "rates_from_round",
+                        "rates_measured_on",
                         "train_by_band_role",
                         "eval_bands",
                     )
@@ -459,6 +523,8 @@ def describe(result: RoundPrompts) -> list[str]:
         )
         if row["source"] == "curriculum":
             line += f"; band {row['chosen_band']}: {row['band_reason']}"
+            if row.get("rates_measured_on"):
+                line += f" [solve rates of {row['rates_measured_on']}]"
         if row["source"] == "self_instruct":
             line += (
                 f"; kept {row['train_rows']}/{row['requested']} of {row['candidates']} "

@@ -27,6 +27,7 @@ CATALOG_TABLES = (
     "prompts",
     "prompt_candidates",
     "prompt_mix",
+    "curriculum_measure",
     "generations",
     "critiques",
     "refinements",

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from selfimprove_dagster import curriculum as cur
+from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.tasks import FAMILIES, addition, make_task, problem_key
 
@@ -151,3 +152,53 @@ def test_config_rejects_unknown_bands_and_families():
         cur.CurriculumConfig("chess")
     config = cur.CurriculumConfig("addition_operands")
     assert config.train_bands == (2, 3, 4) and config.held_out_bands == (4,)
+    with pytest.raises(SelfImproveError, match="measure 'eval_set' is unknown"):
+        cur.CurriculumConfig("addition_digits", measure="eval_set")
+    with pytest.raises(SelfImproveError, match="at least 1 problem"):
+        cur.CurriculumConfig("addition_digits", measure_per_band=0)
+
+
+# --- measuring the round's own policy --------------------------------------------------------
+
+
+class BandSkillEngine(GenerationEngine):
+    """Test-only policy whose skill depends on the operands' digits: 1-digit sums always
+    right, 2-digit sums right on even samples, 3-digit and longer never."""
+
+    def __init__(self):
+        self.model_ref, self.last_stats, self.prompts_seen = "band-skill", {}, []
+
+    def generate(self, prompts, n, sampling, log=None, response_prefix=""):
+        self.prompts_seen += prompts
+        out = []
+        for i, prompt in enumerate(prompts):
+            a, b = map(int, re.findall(r"\d+", prompt)[:2])
+            digits = len(str(a))
+            for s in range(n):
+                right = digits == 1 or (digits == 2 and s % 2 == 0)
+                out.append(
+                    Completion(i, s, f"The answer is {a + b + (0 if right else 1)}.", 9, 6, "stop")
+                )
+        return out
+
+
+def test_measure_policy_gives_the_policys_own_solve_rate_per_band():
+    config = cur.CurriculumConfig(
+        "addition_digits", bands=(1, 2, 3), measure_per_band=6, measure_samples=4
+    )
+    held_out = {problem_key(p, a) for p, a, _ in cur.draw_eval(config, 20, seed=0)}
+    engine = BandSkillEngine()
+    rates, samples = cur.measure_policy(engine, config, 0, 1, held_out, Sampling())
+    assert cur.rates_dict(rates) == {1: 1.0, 2: 0.5, 3: 0.0}
+    assert rates["prompts"].to_list() == [6, 6, 6] and rates["samples"].to_list() == [24] * 3
+    assert samples.height == 72 and samples.columns[:3] == ["band", "prompt_id", "prompt"]
+    # Measured problems are fresh, never held-out ones, and the choice follows the rates.
+    assert not {problem_key(p, a) for p, a in samples.select("prompt", "answer").iter_rows()} & (
+        held_out
+    )
+    assert cur.choose_band(cur.rates_dict(rates), config.train_bands)[0] == 2
+    # Another round measures other problems (same seed + round: the same ones).
+    _, again = cur.measure_policy(BandSkillEngine(), config, 0, 1, held_out, Sampling())
+    _, later = cur.measure_policy(BandSkillEngine(), config, 0, 2, held_out, Sampling())
+    assert again["prompt"].to_list() == samples["prompt"].to_list()
+    assert set(later["prompt"]) != set(samples["prompt"])

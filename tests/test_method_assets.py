@@ -189,15 +189,15 @@ def test_self_refine_with_self_feedback_stores_the_policy_critique(
     assert set(refinements["feedback"]) == {"The proposed answer is wrong."}
 
 
-def test_an_unknown_method_fails_before_anything_is_critiqued(tiny_model, models_dir, tmp_path):
+def test_an_unknown_method_fails_before_anything_is_sampled(tiny_model, models_dir, tmp_path):
     store, results = _run_two_rounds(
         tiny_model, models_dir, tmp_path, method="self_judge+self_refine"
     )
     assert not results[0].success
     failure = next(e for e in results[0].all_events if e.is_step_failure)
-    assert failure.step_key == "critiques"
+    assert failure.step_key == "prompts"
     assert "does not compose with self_judge" in str(failure.step_failure_data.error.to_string())
-    assert not store.has("round_000", "critiques")
+    assert not store.has("round_000", "prompts") and not store.has("round_000", "generations")
 
 
 def test_lineage_follows_a_refined_answer_to_the_sample_it_rewrote(self_refine_rounds):

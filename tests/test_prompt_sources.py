@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import polars as pl
 import pytest
@@ -13,6 +14,7 @@ from selfimprove_dagster.curriculum import CurriculumConfig
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.storage import RoundStore
 from selfimprove_dagster.synthesis import SynthesisConfig
+from tests.test_curriculum import BandSkillEngine
 from tests.test_synthesis import ScriptedSynthEngine
 
 # --- weights ---------------------------------------------------------------------------
@@ -89,7 +91,9 @@ def _plan(**overrides) -> ps.PromptPlan:
 def test_round_prompts_mixes_task_and_curriculum_with_both_held_out_sets(tmp_path):
     plan = _plan(
         weights={"task": 0.5, "curriculum": 0.5},
-        curriculum=CurriculumConfig("addition_digits", bands=(1, 2, 3), eval_bands=(3,)),
+        curriculum=CurriculumConfig(
+            "addition_digits", bands=(1, 2, 3), eval_bands=(3,), measure="previous_round"
+        ),
     )
     result = ps.round_prompts(plan, RoundStore(tmp_path), "round_000")
     table = result.prompts
@@ -106,18 +110,63 @@ def test_round_prompts_mixes_task_and_curriculum_with_both_held_out_sets(tmp_pat
 
 def test_weight_zero_source_gives_the_held_out_set_only(tmp_path):
     plan = _plan(
-        weights={"task": 0.0, "curriculum": 1.0}, curriculum=CurriculumConfig("addition_digits")
+        weights={"task": 0.0, "curriculum": 1.0},
+        curriculum=CurriculumConfig("addition_digits", measure="previous_round"),
     )
     table = ps.round_prompts(plan, RoundStore(tmp_path), "round_000").prompts
     assert table.filter(pl.col("source") == "task")["split"].unique().to_list() == ["eval"]
 
 
-# --- the curriculum reads round N-1 --------------------------------------------------------
+# --- where the curriculum's solve rates come from -------------------------------------------
+
+
+def test_curriculum_measures_the_rounds_own_policy_before_drawing(tmp_path):
+    config = CurriculumConfig(
+        "addition_digits", bands=(1, 2, 3), eval_bands=(3,), measure_per_band=4
+    )
+    plan = _plan(weights={"curriculum": 1.0}, n_train=40, curriculum=config)
+    engines: list[BandSkillEngine] = []
+
+    def load_policy():
+        engines.append(BandSkillEngine())
+        return engines[-1]
+
+    result = ps.round_prompts(plan, RoundStore(tmp_path), "round_000", load_policy)
+    mix = result.mix.row(0, named=True)
+    # Round 0 too: the base model answers 4 problems x 4 samples per band first.
+    assert len(engines) == 1 and len(engines[0].prompts_seen) == 12
+    assert mix["chosen_band"] == 2 and mix["rates_measured_on"] == "policy band-skill"
+    assert json.loads(mix["solve_rates"]) == {"1": 1.0, "2": 0.5, "3": 0.0}
+    assert mix["rates_from_round"] is None
+    assert "[solve rates of policy band-skill]" in ps.describe(result)[0]
+    measured = result.measurements
+    assert measured is not None and measured.height == 48
+    assert measured["round"].unique().to_list() == ["round_000"]
+    assert measured["policy"].unique().to_list() == ["band-skill"]
+    # Measured problems are not held out (nor trained on: they are the policy's probe).
+    held_out = set(result.prompts.filter(pl.col("split") == "eval")["prompt"])
+    assert not set(measured["prompt"]) & held_out
+
+
+def test_curriculum_policy_measure_needs_the_policy_unless_round_0_has_a_start_band(tmp_path):
+    config = CurriculumConfig("addition_digits", bands=(1, 2, 3))
+    plan = _plan(weights={"curriculum": 1.0}, curriculum=config)
+    with pytest.raises(SelfImproveError, match="no policy was given.*previous_round"):
+        ps.round_prompts(plan, RoundStore(tmp_path), "round_000")
+    started = _plan(weights={"curriculum": 1.0}, curriculum=replace(config, start_band=2))
+    result = ps.round_prompts(started, RoundStore(tmp_path), "round_000")  # nothing loaded
+    assert result.mix.row(0, named=True)["chosen_band"] == 2 and result.measurements is None
 
 
 def test_next_round_band_comes_from_the_previous_rounds_solve_rates(tmp_path):
     store = RoundStore(tmp_path)
-    config = CurriculumConfig("addition_digits", bands=(1, 2, 3), eval_bands=(3,), probe_per_band=4)
+    config = CurriculumConfig(
+        "addition_digits",
+        bands=(1, 2, 3),
+        eval_bands=(3,),
+        probe_per_band=4,
+        measure="previous_round",
+    )
     plan = _plan(weights={"curriculum": 1.0}, n_train=40, curriculum=config)
     first = ps.round_prompts(plan, store, "round_000").prompts
     store.write("round_000", "prompts", first)
@@ -137,6 +186,7 @@ def test_next_round_band_comes_from_the_previous_rounds_solve_rates(tmp_path):
     assert mix["chosen_band"] == 2
     assert json.loads(mix["solve_rates"]) == {"1": 1.0, "2": 0.5, "3": 0.0}
     assert mix["rates_from_round"] == "round_000"
+    assert mix["rates_measured_on"] == "round_000 generations"
     assert "band 2 solve rate 0.50 is the closest to target 0.50" in mix["band_reason"]
     second = result.prompts
     # Held-out set unchanged, train prompts moved to band 2 (with replay of band 1).

@@ -16,11 +16,13 @@ from resources import (
     EvolutionResource,
     GatesResource,
     GeneratorResource,
+    MethodResource,
     StorageResource,
     TaskResource,
 )
 from selfimprove_dagster.storage import RoundStore
 from tests.conftest import SHARED_DATA
+from tests.test_curriculum import BandSkillEngine
 from tests.test_synthesis import ScriptedSynthEngine
 
 PROMPTS_CHECKS = [c for c in ROUND_CHECKS if all(k.asset_key == prompts.key for k in c.check_keys)]
@@ -45,7 +47,12 @@ class ScriptedPolicy(GeneratorResource):
         return ScriptedSynthEngine(list(SCRIPTED_TASKS))
 
 
-def _materialize(data_dir, task: TaskResource, key="round_000"):
+class BandSkillPolicy(GeneratorResource):
+    def load(self, model_ref, models_dir):
+        return BandSkillEngine()
+
+
+def _materialize(data_dir, task: TaskResource, key="round_000", generator=None):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("rounds", [key])
     return dg.materialize(
@@ -55,8 +62,9 @@ def _materialize(data_dir, task: TaskResource, key="round_000"):
         resources={
             "storage": StorageResource(data_dir=str(data_dir)),
             "task": task,
-            "generator": ScriptedPolicy(base_model="scripted"),
+            "generator": generator or ScriptedPolicy(base_model="scripted"),
             "evolution": EvolutionResource(),
+            "method": MethodResource(),
             "gates": GatesResource(),
         },
         raise_on_error=False,
@@ -88,6 +96,7 @@ def test_curriculum_and_self_instruct_mixed_by_weight(tmp_path):
         sources=["curriculum=0.8", "self_instruct=0.2"],
         curriculum_bands=[1, 2, 3],
         curriculum_eval_bands=[3],
+        curriculum_measure="previous_round",  # the scripted policy only writes tasks
         seed_tasks_path=SEED_FILE,
         synth_passes=2,
         synth_oversample=2.0,
@@ -132,6 +141,30 @@ def test_curriculum_and_self_instruct_mixed_by_weight(tmp_path):
             "SELECT chosen_band, band_reason FROM prompt_mix WHERE chosen_band IS NOT NULL"
         ).fetchall()
         assert bands[0][0] == 1 and "start at band 1" in bands[0][1]
+
+
+def test_curriculum_band_follows_the_policys_measured_solve_rate(tmp_path):
+    task = TaskResource(
+        n_train=24,
+        n_eval=8,
+        sources=["curriculum"],
+        curriculum_bands=[1, 2, 3],
+        curriculum_eval_bands=[3],
+        curriculum_measure_per_band=3,
+        curriculum_measure_samples=2,
+    )
+    result = _materialize(tmp_path, task, generator=BandSkillPolicy(base_model="band-skill"))
+    assert result.success and all(_checks(result).values()), _checks(result)
+    metadata = _metadata(result)
+    assert metadata["chosen_band"] == 2 and metadata["rates_measured_on"] == "policy band-skill"
+    assert json.loads(metadata["solve_rates"]) == {"1": 1.0, "2": 0.5, "3": 0.0}
+    store = RoundStore(tmp_path)
+    with duckdb.connect(str(store.catalog_path), read_only=True) as con:
+        per_band = con.execute(
+            "SELECT band, avg(correct::INT), count(*) FROM curriculum_measure "
+            "GROUP BY band ORDER BY band"
+        ).fetchall()
+    assert per_band == [(1, 1.0, 6), (2, 0.5, 6), (3, 0.0, 6)]
 
 
 def test_contamination_check_blocks_a_train_prompt_copying_an_eval_prompt(tmp_path):
