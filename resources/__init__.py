@@ -127,7 +127,7 @@ class TaskResource(dg.ConfigurableResource):
         description="curriculum: round 0's band (0 = measured with measure=policy, else the "
         "easiest).",
     )
-    curriculum_measure: str = Field(
+    curriculum_measure: Literal["policy", "previous_round"] = Field(
         default="policy",
         description="curriculum: where solve rates come from: policy (the round's policy "
         "answers a few problems per band first) or previous_round (round N-1's critiques).",
