@@ -143,7 +143,7 @@ def generations(
         store, round_, generator.temperature, evolution.auto_temperature
     )
     context.log.info(f"{round_}: policy {policy}; {temperature_reason}")
-    with generator.running(policy, store.models_dir) as engine:  # closed: frees a GPU
+    with generator.running(policy, store.models_dir) as engine:  # kept: see keep_engine
         frame = star.sample_generations(
             engine,
             store.read(round_, "prompts"),
@@ -294,6 +294,9 @@ def checkpoint(
     frame = store.read(round_, "filtered")
     out_dir = store.checkpoint_dir(round_)
     recipe = method.recipe()
+    # Training needs the memory (or the GPU) a kept generation engine holds; and the
+    # checkpoint about to be written must not be served from a stale engine.
+    generator.release_engine()
     manifest = train_lora(
         recipe.objective,
         trained_from,
@@ -385,14 +388,6 @@ def eval_scores(
             log=context.log.info,
         )
 
-    engine = generator.load(str(store.checkpoint_dir(round_)), store.models_dir)
-    try:
-        after = score(engine, task.eval_samples_per_prompt)
-        tuning = tune_next_temperature(
-            engine, store, round_, generator, trainer, evolution, context
-        )
-    finally:
-        engine.close()
     before = previous_accuracy(store, parent, eval_set)
     if before is None:  # round 0, or the held-out set changed: measure the policy now
         context.log.info(f"{round_}: scoring the policy {policy} on the held-out set")
@@ -401,6 +396,15 @@ def eval_scores(
             before = score(policy_engine, 0).accuracy
         finally:
             policy_engine.close()
+    # The checkpoint last: with keep_engine, it stays loaded for the next round's policy.
+    engine = generator.load(str(store.checkpoint_dir(round_)), store.models_dir)
+    try:
+        after = score(engine, task.eval_samples_per_prompt)
+        tuning = tune_next_temperature(
+            engine, store, round_, generator, trainer, evolution, context
+        )
+    finally:
+        engine.close()
     row = {
         "round": round_,
         "checkpoint": str(store.checkpoint_dir(round_)),

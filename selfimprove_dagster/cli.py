@@ -126,13 +126,20 @@ def format_status(rows: list[dict]) -> str:
 
 def run_rounds(store: RoundStore, rounds: int) -> int:
     """Materialize round_000..round_{rounds-1} through the round job (skips done rounds)."""
-    import dagster as dg
-
     from selfimprove_dagster.definitions import build_definitions
+    from selfimprove_dagster.engines.pool import POOL
 
     defs = build_definitions()
     preflight(defs, store)
-    job = defs.resolve_job_def("round_job")
+    try:
+        return _run_rounds(defs.resolve_job_def("round_job"), store, rounds)
+    finally:
+        POOL.release()  # the engine kept across steps and rounds, before interpreter exit
+
+
+def _run_rounds(job, store: RoundStore, rounds: int) -> int:
+    import dagster as dg
+
     instance = dg.DagsterInstance.get()
     done = set(store.completed_rounds())
     for index in range(rounds):

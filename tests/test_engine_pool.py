@@ -1,0 +1,140 @@
+"""The engine pool: one started engine lent across steps, released before training."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+import assets.rounds
+from assets import ROUND_ASSETS, ROUND_CHECKS
+from resources import (
+    EvolutionResource,
+    GatesResource,
+    GeneratorResource,
+    MethodResource,
+    StorageResource,
+    TaskResource,
+    TrainerResource,
+)
+from selfimprove_dagster.engines.base import Sampling
+from selfimprove_dagster.engines.pool import POOL, EnginePool
+from tests.conftest import ScriptedEngine
+
+
+class CountedEngine(ScriptedEngine):
+    """Test-only engine that records its start and close in `events`."""
+
+    def __init__(self, model_ref: str, events: list[tuple[str, str]]) -> None:
+        super().__init__(model_ref)
+        self.events = events
+        events.append(("start", model_ref))
+
+    def close(self) -> None:
+        self.events.append(("close", self.model_ref))
+
+
+def alive(events: list[tuple[str, str]]) -> int:
+    return sum(1 if kind == "start" else -1 for kind, _ in events)
+
+
+def test_pool_lends_one_engine_per_key_and_closes_it_on_another_key_or_release():
+    pool, events = EnginePool(), []
+    first = pool.lend("a", lambda: CountedEngine("a", events))
+    first.close()  # handed back, not stopped
+    again = pool.lend("a", lambda: CountedEngine("a", events))
+    assert again.engine is first.engine and events == [("start", "a")]
+    completions = again.generate(["What is 2 + 3?"], 2, Sampling())
+    assert len(completions) == 2 and again.last_stats is again.engine.last_stats
+    pool.lend("b", lambda: CountedEngine("b", events))
+    assert events == [("start", "a"), ("close", "a"), ("start", "b")]
+    pool.release()
+    pool.release()  # nothing left: a no-op
+    assert events[-1] == ("close", "b") and alive(events) == 0 and pool.starts == 2
+
+
+def test_a_failed_start_leaves_the_pool_empty():
+    pool, events = EnginePool(), []
+    pool.lend("a", lambda: CountedEngine("a", events))
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        pool.lend("b", broken)
+    assert pool.engine is None and alive(events) == 0
+
+
+class CountedGenerator(GeneratorResource):
+    def start_engine(self, model_ref, models_dir):
+        return CountedEngine(model_ref, EVENTS)
+
+
+EVENTS: list[tuple[str, str]] = []
+
+
+def test_generator_reuses_the_engine_only_for_the_same_model_and_settings(tmp_path):
+    EVENTS.clear()
+    generator = CountedGenerator(base_model="m")
+    try:
+        generator.load("m", tmp_path).close()
+        generator.load("m", tmp_path).close()
+        assert EVENTS == [("start", "m")]
+        # Sampling settings do not restart it; engine settings do.
+        CountedGenerator(base_model="m", temperature=0.3).load("m", tmp_path)
+        assert len(EVENTS) == 1
+        CountedGenerator(base_model="m", batch_size=8).load("m", tmp_path)
+        assert EVENTS == [("start", "m"), ("close", "m"), ("start", "m")]
+    finally:
+        POOL.release()
+    EVENTS.clear()
+    unkept = CountedGenerator(base_model="m", keep_engine=False)
+    unkept.load("m", tmp_path).close()
+    unkept.load("m", tmp_path).close()
+    assert EVENTS == [("start", "m"), ("close", "m")] * 2
+
+
+def test_two_rounds_start_fewer_engines_and_train_with_none_alive(
+    tiny_model, models_dir, tmp_path, monkeypatch
+):
+    EVENTS.clear()
+    alive_at_training = []
+    train = assets.rounds.train_lora
+
+    def train_and_record(*args, **kwargs):
+        alive_at_training.append(alive(EVENTS))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(assets.rounds, "train_lora", train_and_record)
+    (tmp_path / "models").symlink_to(models_dir)
+    resources = {
+        "storage": StorageResource(data_dir=str(tmp_path)),
+        "task": TaskResource(n_train=8, n_eval=6, eval_samples_per_prompt=2, pass_at_k_prompts=4),
+        "generator": CountedGenerator(base_model=tiny_model, samples_per_prompt=2),
+        "trainer": TrainerResource(epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
+        "gates": GatesResource(),
+        "evolution": EvolutionResource(),
+        "method": MethodResource(),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    try:
+        for key in ("round_000", "round_001"):
+            instance.add_dynamic_partitions("rounds", [key])
+            result = dg.materialize(
+                [*ROUND_ASSETS, *ROUND_CHECKS],
+                partition_key=key,
+                instance=instance,
+                resources=resources,
+            )
+            assert result.success
+            # What the next round generates with is what stays loaded.
+            assert POOL.engine is not None and POOL.engine.model_ref.endswith(key)
+    finally:
+        POOL.release()
+    starts = [ref.rsplit("/", 1)[-1] for kind, ref in EVENTS if kind == "start"]
+    base = tiny_model.rsplit("/", 1)[-1]
+    # round_000: generations (base); the checkpoint's check; the base again for the
+    # accuracy before; the checkpoint for eval_scores. round_001: generations reuse
+    # round_000's checkpoint; the new one for its check and eval_scores (kept).
+    # Without the pool: 4 + 3 starts.
+    assert starts == [base, "round_000", base, "round_000", "round_001"]
+    assert alive_at_training == [0, 0] and alive(EVENTS) == 0
