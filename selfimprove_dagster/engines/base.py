@@ -42,6 +42,9 @@ class GenerationEngine(ABC):
     """A loaded policy that samples completions for chat prompts."""
 
     model_ref: str
+    # Its samples depend only on the inputs and `sampling.seed`, not on what it generated
+    # before; only such engines are kept across steps (`engines.pool`).
+    seeded_per_call: bool = True
 
     @abstractmethod
     def generate(

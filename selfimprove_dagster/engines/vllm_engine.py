@@ -124,6 +124,8 @@ class VllmEngine(GenerationEngine):
         self.model_ref = model_ref
         self.settings = settings = settings or VllmSettings()
         self.on_gpu = torch.cuda.is_available()
+        # On CPU one engine-wide seed drives every call: reused, it samples differently.
+        self.seeded_per_call = self.on_gpu
         if not self.on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
         self.lora_request = None
