@@ -18,6 +18,7 @@ from resources import (
 )
 from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.engines.pool import POOL, EnginePool, LentEngine
+from selfimprove_dagster.storage import RoundStore
 from tests.conftest import ScriptedEngine
 
 
@@ -153,3 +154,45 @@ def test_two_rounds_start_fewer_engines_and_train_with_none_alive(
     # Without the pool: 4 + 3 starts.
     assert starts == [base, "round_000", base, "round_000", "round_001"]
     assert alive_at_training == [0, 0] and alive(EVENTS) == 0
+
+
+def test_keeping_the_transformers_engine_does_not_change_a_rounds_samples(
+    tiny_model, models_dir, tmp_path_factory
+):
+    completions = {}
+    for keep in (True, False):
+        data_dir = tmp_path_factory.mktemp(f"keep-{keep}")
+        (data_dir / "models").symlink_to(models_dir)
+        resources = {
+            "storage": StorageResource(data_dir=str(data_dir)),
+            "task": TaskResource(
+                n_train=6, n_eval=4, eval_samples_per_prompt=2, pass_at_k_prompts=2
+            ),
+            "generator": GeneratorResource(
+                base_model=tiny_model, samples_per_prompt=2, keep_engine=keep
+            ),
+            "trainer": TrainerResource(epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
+            "gates": GatesResource(),
+            "evolution": EvolutionResource(),
+            "method": MethodResource(),
+        }
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("rounds", ["round_000"])
+        try:
+            # Sampling twice: the second pass runs on the kept engine, or on a fresh one.
+            dg.materialize(
+                [a for a in ROUND_ASSETS if a.key.path[-1] in ("prompts", "generations")],
+                partition_key="round_000",
+                instance=instance,
+                resources=resources,
+            )
+            dg.materialize(
+                [a for a in ROUND_ASSETS if a.key.path[-1] == "generations"],
+                partition_key="round_000",
+                instance=instance,
+                resources=resources,
+            )
+        finally:
+            POOL.release()
+        completions[keep] = RoundStore(data_dir).read("round_000", "generations")["completion"]
+    assert completions[True].to_list() == completions[False].to_list()
