@@ -109,6 +109,20 @@ def test_generator_reuses_the_engine_only_for_the_same_model_and_settings(tmp_pa
     assert EVENTS == [("start", "m"), ("close", "m")] * 2
 
 
+def round_resources(data_dir, generator: GeneratorResource, n_train: int) -> dict:
+    return {
+        "storage": StorageResource(data_dir=str(data_dir)),
+        "task": TaskResource(
+            n_train=n_train, n_eval=6, eval_samples_per_prompt=2, pass_at_k_prompts=4
+        ),
+        "generator": generator,
+        "trainer": TrainerResource(epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
+        "gates": GatesResource(),
+        "evolution": EvolutionResource(),
+        "method": MethodResource(),
+    }
+
+
 def test_two_rounds_start_fewer_engines_and_train_with_none_alive(
     tiny_model, models_dir, tmp_path, monkeypatch
 ):
@@ -122,15 +136,9 @@ def test_two_rounds_start_fewer_engines_and_train_with_none_alive(
 
     monkeypatch.setattr(assets.rounds, "train_lora", train_and_record)
     (tmp_path / "models").symlink_to(models_dir)
-    resources = {
-        "storage": StorageResource(data_dir=str(tmp_path)),
-        "task": TaskResource(n_train=8, n_eval=6, eval_samples_per_prompt=2, pass_at_k_prompts=4),
-        "generator": CountedGenerator(base_model=tiny_model, samples_per_prompt=2),
-        "trainer": TrainerResource(epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
-        "gates": GatesResource(),
-        "evolution": EvolutionResource(),
-        "method": MethodResource(),
-    }
+    resources = round_resources(
+        tmp_path, CountedGenerator(base_model=tiny_model, samples_per_prompt=2), n_train=8
+    )
     instance = dg.DagsterInstance.ephemeral()
     try:
         for key in ("round_000", "round_001"):
@@ -163,19 +171,8 @@ def test_keeping_the_transformers_engine_does_not_change_a_rounds_samples(
     for keep in (True, False):
         data_dir = tmp_path_factory.mktemp(f"keep-{keep}")
         (data_dir / "models").symlink_to(models_dir)
-        resources = {
-            "storage": StorageResource(data_dir=str(data_dir)),
-            "task": TaskResource(
-                n_train=6, n_eval=4, eval_samples_per_prompt=2, pass_at_k_prompts=2
-            ),
-            "generator": GeneratorResource(
-                base_model=tiny_model, samples_per_prompt=2, keep_engine=keep
-            ),
-            "trainer": TrainerResource(epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
-            "gates": GatesResource(),
-            "evolution": EvolutionResource(),
-            "method": MethodResource(),
-        }
+        generator = GeneratorResource(base_model=tiny_model, samples_per_prompt=2, keep_engine=keep)
+        resources = round_resources(data_dir, generator, n_train=6)
         instance = dg.DagsterInstance.ephemeral()
         instance.add_dynamic_partitions("rounds", ["round_000"])
         try:
