@@ -80,12 +80,12 @@ def test_a_failed_start_leaves_the_pool_empty():
     assert pool.engine is None and alive(events) == 0
 
 
+EVENTS: list[tuple[str, str]] = []  # what CountedGenerator's engines did, in order
+
+
 class CountedGenerator(GeneratorResource):
     def start_engine(self, model_ref, models_dir):
         return CountedEngine(model_ref, EVENTS)
-
-
-EVENTS: list[tuple[str, str]] = []
 
 
 def test_generator_reuses_the_engine_only_for_the_same_model_and_settings(tmp_path):
