@@ -1,8 +1,8 @@
 """Quality gates of a round. Blocking gates (severity ERROR) stop everything downstream
 of the asset they check; health monitors WARN with their figures in metadata.
 
-Check logic lives in the core (`selfimprove_dagster.quality`, `.expectations`,
-`.monitors`), as pure functions; these wrappers read the round's tables and convert.
+Check logic lives in the core (`selfimprove_dagster.quality`: `gates`, `expectations`,
+`monitors`), as pure functions; these wrappers read the round's tables and convert.
 """
 
 import warnings
@@ -12,10 +12,12 @@ import dagster as dg
 from assets.partitions import ROUNDS
 from assets.rounds import checkpoint, critiques, eval_scores, filtered, generations, prompts
 from resources import GatesResource, GeneratorResource, StorageResource, TaskResource
-from selfimprove_dagster import expectations, monitors, prompt_gates, quality, star
 from selfimprove_dagster.engines.base import Sampling
+from selfimprove_dagster.methods import star
 from selfimprove_dagster.models import read_manifest
-from selfimprove_dagster.storage import previous_round
+from selfimprove_dagster.quality import expectations, monitors, prompt_gates
+from selfimprove_dagster.quality import gates as quality
+from selfimprove_dagster.store.storage import previous_round
 
 # Per-round check results need `partitions_def` on checks, a Dagster preview feature.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning, message=".*partitions_def.*")

@@ -3,7 +3,7 @@
     prompts -> generations -> critiques -> filtered -> checkpoint -> eval_scores
 
 Each body loads its inputs from the round store, calls one core function
-(`selfimprove_dagster.star`, `.training`, `.evaluation`) and returns metadata.
+(`selfimprove_dagster.methods.star`, `.training`, `.evaluation`) and returns metadata.
 Round N's policy is round N−1's checkpoint, or the best one so far with
 `SELFIMPROVE_POLICY=best` (`evolution.round_policy`); `checkpoint` and `eval_scores`
 read it back from the round's `generations`, so the three always agree.
@@ -25,7 +25,6 @@ from resources import (
     TaskResource,
     TrainerResource,
 )
-from selfimprove_dagster import methods, monitors, prompt_sources, star
 from selfimprove_dagster.engines import GenerationEngine
 from selfimprove_dagster.evaluation import (
     EvalResult,
@@ -39,8 +38,12 @@ from selfimprove_dagster.evolution import (
     round_policy,
     round_temperature,
 )
+from selfimprove_dagster.methods import recipe as methods
+from selfimprove_dagster.methods import star
 from selfimprove_dagster.plots import markdown_image, render_history
-from selfimprove_dagster.storage import RoundStore, round_index
+from selfimprove_dagster.quality import monitors
+from selfimprove_dagster.sources import mix as prompt_sources
+from selfimprove_dagster.store.storage import RoundStore, round_index
 from selfimprove_dagster.training import train_lora
 
 ROUND_KINDS = {"python", "parquet"}

@@ -31,7 +31,7 @@ from selfimprove_dagster.evolution import (
     history_through,
     next_round_decision,
 )
-from selfimprove_dagster.storage import RoundStore, round_index
+from selfimprove_dagster.store.storage import RoundStore, round_index
 
 # The job by name: `assets/__init__.py` defines it and imports this module.
 ROUND_JOB = "round_job"

@@ -27,7 +27,7 @@ from pathlib import Path
 from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.engines.transformers_engine import TransformersEngine
 from selfimprove_dagster.models import DEFAULT_MODEL
-from selfimprove_dagster.tasks import make_task
+from selfimprove_dagster.sources.tasks import make_task
 
 
 def raw_generate(engine: TransformersEngine, prompts: list[str], n: int, sampling: Sampling):

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.storage import RoundStore, round_key
+from selfimprove_dagster.store.storage import RoundStore, round_key
 
 STATUS_COLUMNS = ("round", "kept", "accuracy_before", "accuracy_after", "pass_at_k", "policy")
 
@@ -57,7 +57,7 @@ def gate_summaries(rounds: list[str]) -> dict[str, str]:
 def status_rows(store: RoundStore) -> list[dict]:
     """Per completed round: kept samples, held-out accuracy before -> after, pass@k."""
     from selfimprove_dagster.evolution import promoted_round
-    from selfimprove_dagster.prompt_sources import prompt_status
+    from selfimprove_dagster.sources.mix import prompt_status
 
     promoted = promoted_round(store.history()) if store.completed_rounds() else None
     gates = gate_summaries(store.completed_rounds())
@@ -201,8 +201,8 @@ def run_failure_message(result) -> str:
 
 
 def show_lineage(store: RoundStore, target: str, limit: int, as_json: bool) -> str:
-    from selfimprove_dagster import lineage
-    from selfimprove_dagster.storage import ROUND_PATTERN
+    from selfimprove_dagster.store import lineage
+    from selfimprove_dagster.store.storage import ROUND_PATTERN
 
     if ROUND_PATTERN.match(target):
         found = lineage.checkpoint_lineage(store, target)

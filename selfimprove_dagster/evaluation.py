@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import polars as pl
 
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
-from selfimprove_dagster.metrics import mean, pass_at_k
 from selfimprove_dagster.progress import LogFn
-from selfimprove_dagster.storage import RoundStore
-from selfimprove_dagster.verify import verify
+from selfimprove_dagster.quality.metrics import mean, pass_at_k
+from selfimprove_dagster.store.storage import RoundStore
+from selfimprove_dagster.verifiers.numeric import verify
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ def balance_by_temperature(
     with `engine` (the new checkpoint, i.e. the next round's policy)."""
     from dataclasses import replace
 
-    from selfimprove_dagster import monitors, star
+    from selfimprove_dagster.methods import star
+    from selfimprove_dagster.quality import monitors
 
     scores: dict[float, float] = {}
     for temperature in grid:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.storage import RoundStore, previous_round, round_index, round_key
+from selfimprove_dagster.store.storage import RoundStore, previous_round, round_index, round_key
 
 # Float slack: 0.6 - 0.1 is 0.49999999999999994, and "equal" must compare equal.
 EPS = 1e-9

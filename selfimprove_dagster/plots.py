@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from selfimprove_dagster.storage import round_index
+from selfimprove_dagster.store.storage import round_index
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

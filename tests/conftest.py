@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
-from selfimprove_dagster.tasks import make_task
+from selfimprove_dagster.sources.tasks import make_task
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -18,7 +18,7 @@ from resources import (
     TaskResource,
     TrainerResource,
 )
-from selfimprove_dagster.storage import RoundStore
+from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import ScriptedEngine
 
 
@@ -235,7 +235,7 @@ def test_contaminated_prompt_blocks_training(tiny_model, tmp_path):
 
 
 def test_duplicated_generation_blocks_training(tiny_model, tmp_path, monkeypatch):
-    from selfimprove_dagster import star
+    from selfimprove_dagster.methods import star
 
     real_filter = star.filter_accepted
 
@@ -254,7 +254,7 @@ def test_duplicated_generation_blocks_training(tiny_model, tmp_path, monkeypatch
 
 
 def test_lineage_of_a_checkpoint_and_of_a_generation(two_rounds):
-    from selfimprove_dagster import lineage
+    from selfimprove_dagster.store import lineage
 
     store, _, _ = two_rounds
     found = lineage.checkpoint_lineage(store, "round_000")
@@ -268,8 +268,8 @@ def test_lineage_of_a_checkpoint_and_of_a_generation(two_rounds):
 
 
 def test_lineage_of_unknown_ids_names_the_fix(two_rounds):
-    from selfimprove_dagster import lineage
     from selfimprove_dagster.errors import SelfImproveError
+    from selfimprove_dagster.store import lineage
 
     store, _, _ = two_rounds
     with pytest.raises(SelfImproveError, match="No generation `nope`"):

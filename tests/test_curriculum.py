@@ -8,10 +8,10 @@ import re
 import polars as pl
 import pytest
 
-from selfimprove_dagster import curriculum as cur
 from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.tasks import FAMILIES, addition, make_task, problem_key
+from selfimprove_dagster.sources import curriculum as cur
+from selfimprove_dagster.sources.tasks import FAMILIES, addition, make_task, problem_key
 
 # --- the difficulty parameter ------------------------------------------------------------
 
@@ -39,7 +39,7 @@ def test_operands_band_and_make_task_difficulty():
 
 
 def test_addition_2_2_asks_what_addition_2digit_asks():
-    from selfimprove_dagster.tasks import addition_2digit
+    from selfimprove_dagster.sources.tasks import addition_2digit
 
     assert addition(random.Random(5), 2, 2) == addition_2digit(random.Random(5))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -31,13 +32,69 @@ def test_generic_package_names_resolve_to_this_repo():
     assert resources.__file__.startswith(str(REPO / "resources"))
 
 
+def _core_modules() -> list[str]:
+    """Every module of the core library except the Dagster composition root."""
+    import pkgutil
+
+    import selfimprove_dagster
+
+    names = [
+        m.name for m in pkgutil.walk_packages(selfimprove_dagster.__path__, "selfimprove_dagster.")
+    ]
+    return [n for n in names if n != "selfimprove_dagster.definitions"]
+
+
 def test_core_import_loads_neither_torch_nor_dagster():
+    modules = ", ".join(_core_modules())
     code = (
-        "import sys, selfimprove_dagster, selfimprove_dagster.star, selfimprove_dagster.storage;"
+        f"import sys, {modules};"
         "print(sorted(m for m in ('torch', 'dagster', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _imports_of(path: Path, package: str) -> set[str]:
+    """Project modules `path` imports at module level (not inside functions)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                found.add(f"{node.module}.{alias.name}")
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.split(".")[0] in {package, "assets", "resources"}}
+
+
+def test_core_imports_go_down_only_and_have_no_cycles():
+    """The core never imports the Dagster layers (assets, resources), and its module-level
+    imports form no cycle (a stage package never needs a module that needs it back)."""
+    core = set(_core_modules())
+    graph: dict[str, set[str]] = {}
+    for name in core:
+        path = REPO / (name.replace(".", "/") + ".py")
+        if not path.is_file():
+            path = REPO / name.replace(".", "/") / "__init__.py"
+        imported = _imports_of(path, "selfimprove_dagster")
+        upward = {i for i in imported if i.split(".")[0] in {"assets", "resources"}}
+        assert not upward, f"{name} imports the Dagster layers: {upward}"
+        graph[name] = {i for i in imported if i in core and i != name}
+
+    def visit(node: str, stack: list[str], done: set[str]) -> None:
+        assert node not in stack, f"import cycle: {' -> '.join([*stack, node])}"
+        if node in done:
+            return
+        for nxt in graph.get(node, ()):
+            visit(nxt, [*stack, node], done)
+        done.add(node)
+
+    done: set[str] = set()
+    for name in sorted(graph):
+        visit(name, [], done)
 
 
 def test_env_overrides_reach_resources(monkeypatch):

@@ -9,7 +9,7 @@ import duckdb
 import pytest
 
 from selfimprove_dagster import cli
-from selfimprove_dagster.storage import RoundStore
+from selfimprove_dagster.store.storage import RoundStore
 
 SMALL_ROUND = {
     "SELFIMPROVE_N_TRAIN": "24",

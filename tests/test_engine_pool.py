@@ -18,7 +18,7 @@ from resources import (
 )
 from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.engines.pool import POOL, EnginePool, LentEngine
-from selfimprove_dagster.storage import RoundStore
+from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import ScriptedEngine
 
 

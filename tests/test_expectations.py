@@ -7,11 +7,11 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from selfimprove_dagster import star
 from selfimprove_dagster.engines.base import Completion, Sampling
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.expectations import SUITES, validate_table
 from selfimprove_dagster.ids import prompt_id
+from selfimprove_dagster.methods import star
+from selfimprove_dagster.quality.expectations import SUITES, validate_table
 
 MAX_NEW_TOKENS = 16
 

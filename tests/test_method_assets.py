@@ -21,7 +21,7 @@ from resources import (
     TrainerResource,
 )
 from selfimprove_dagster.engines.base import Completion
-from selfimprove_dagster.storage import RoundStore
+from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import ScriptedEngine
 
 _QUESTION = re.compile(r"What is (\d+) \+ (\d+)")
@@ -201,7 +201,7 @@ def test_an_unknown_method_fails_before_anything_is_sampled(tiny_model, models_d
 
 
 def test_lineage_follows_a_refined_answer_to_the_sample_it_rewrote(self_refine_rounds):
-    from selfimprove_dagster import lineage
+    from selfimprove_dagster.store import lineage
 
     store, _ = self_refine_rounds
     trained_on = lineage.checkpoint_lineage(store, "round_000")["trained_on"]

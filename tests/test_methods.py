@@ -6,8 +6,9 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from selfimprove_dagster import consistency, judge, methods, refine, star
 from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.methods import consistency, judge, refine, star
+from selfimprove_dagster.methods import recipe as methods
 from selfimprove_dagster.prompting import load_template, render
 
 

@@ -7,8 +7,8 @@ import math
 import polars as pl
 import pytest
 
-from selfimprove_dagster import quality
-from selfimprove_dagster.metrics import pass_at_k
+from selfimprove_dagster.quality import gates as quality
+from selfimprove_dagster.quality.metrics import pass_at_k
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from selfimprove_dagster import monitors, star
 from selfimprove_dagster.engines.base import Completion, Sampling
 from selfimprove_dagster.ids import prompt_id
+from selfimprove_dagster.methods import star
+from selfimprove_dagster.quality import monitors
 
 PROBLEMS = [
     ("What is 10 + 20?", "30", "train"),

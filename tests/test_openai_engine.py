@@ -26,7 +26,7 @@ from selfimprove_dagster.engines.openai_engine import (
     served_model_name,
 )
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.tasks import make_task
+from selfimprove_dagster.sources.tasks import make_task
 
 SAMPLING = Sampling(temperature=1.0, top_k=50, max_new_tokens=8, seed=3)
 
@@ -277,7 +277,7 @@ def _round_through(server, base_model, models_dir, tmp_path):
         TaskResource,
         TrainerResource,
     )
-    from selfimprove_dagster.storage import RoundStore
+    from selfimprove_dagster.store.storage import RoundStore
 
     (tmp_path / "models").symlink_to(models_dir)
     generator = GeneratorResource(

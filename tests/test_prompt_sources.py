@@ -8,12 +8,12 @@ from dataclasses import replace
 import polars as pl
 import pytest
 
-from selfimprove_dagster import prompt_gates
-from selfimprove_dagster import prompt_sources as ps
-from selfimprove_dagster.curriculum import CurriculumConfig
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.storage import RoundStore
-from selfimprove_dagster.synthesis import SynthesisConfig
+from selfimprove_dagster.quality import prompt_gates
+from selfimprove_dagster.sources import mix as ps
+from selfimprove_dagster.sources.curriculum import CurriculumConfig
+from selfimprove_dagster.sources.synthesis import SynthesisConfig
+from selfimprove_dagster.store.storage import RoundStore
 from tests.test_curriculum import BandSkillEngine
 from tests.test_synthesis import ScriptedSynthEngine
 

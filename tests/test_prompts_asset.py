@@ -20,7 +20,7 @@ from resources import (
     StorageResource,
     TaskResource,
 )
-from selfimprove_dagster.storage import RoundStore
+from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import SHARED_DATA
 from tests.test_curriculum import BandSkillEngine
 from tests.test_synthesis import ScriptedSynthEngine

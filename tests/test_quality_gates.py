@@ -10,8 +10,8 @@ import time
 import polars as pl
 import pytest
 
-from selfimprove_dagster import quality
-from selfimprove_dagster.tasks import make_task
+from selfimprove_dagster.quality import gates as quality
+from selfimprove_dagster.sources.tasks import make_task
 
 EVAL = pl.DataFrame(
     {"prompt": ["what is 23 + 45 ?", "What is 60 + 17? Answer with just the number."]}
@@ -135,7 +135,7 @@ def test_regression_beyond_tolerance_fails():
 def test_critic_readable_warns_on_unscored_judgements():
     import polars as pl
 
-    from selfimprove_dagster.quality import gate_critic_readable
+    from selfimprove_dagster.quality.gates import gate_critic_readable
 
     clean = pl.DataFrame({"score": [1.0, 0.2, 0.0]})
     mostly_garbage = pl.DataFrame({"score": [1.0, None, None]})  # planted: 2 of 3 unscored

@@ -7,7 +7,7 @@ import pytest
 
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.evolution import round_policy, round_temperature
-from selfimprove_dagster.storage import RoundStore
+from selfimprove_dagster.store.storage import RoundStore
 
 
 def _round(store: RoundStore, key: str, before: float, after: float, **monitors) -> None:

@@ -23,7 +23,7 @@ from assets.sensors import (
     round_schedule,
 )
 from resources import StorageResource
-from selfimprove_dagster.storage import RoundStore
+from selfimprove_dagster.store.storage import RoundStore
 
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 

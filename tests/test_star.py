@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from selfimprove_dagster import star
 from selfimprove_dagster.engines.base import Completion, Sampling
 from selfimprove_dagster.ids import prompt_id
+from selfimprove_dagster.methods import star
 
 
 def _prompts() -> pl.DataFrame:

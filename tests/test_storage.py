@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.storage import RoundStore, previous_round, round_index, round_key
+from selfimprove_dagster.store.storage import RoundStore, previous_round, round_index, round_key
 
 
 def test_round_keys():

@@ -11,12 +11,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from selfimprove_dagster import rouge
-from selfimprove_dagster import synthesis as syn
 from selfimprove_dagster.engines.base import Completion, GenerationEngine
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.quality import gate_no_contamination
-from selfimprove_dagster.tasks import make_task
+from selfimprove_dagster.quality.gates import gate_no_contamination
+from selfimprove_dagster.sources import rouge
+from selfimprove_dagster.sources import synthesis as syn
+from selfimprove_dagster.sources.tasks import make_task
 from tests.conftest import SHARED_DATA
 
 SEED_FILE = SHARED_DATA / "self_instruct" / "seed_tasks.jsonl"

@@ -11,14 +11,14 @@ import pytest
 
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
-from selfimprove_dagster.tasks import (
+from selfimprove_dagster.sources.tasks import (
     PROBLEM_SCHEMA,
     TASKS,
     load_dataset_file,
     load_gsm8k,
     make_task,
 )
-from selfimprove_dagster.verify import normalize_number
+from selfimprove_dagster.verifiers.numeric import normalize_number
 
 GSM8K_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 GSM8K_TEST_ROWS = 1319  # counted: `wc -l test.jsonl`, no blank lines, no duplicate questions
@@ -274,7 +274,7 @@ def test_load_gsm8k_file_with_fraction_split() -> None:
 
 def test_word_problems_differing_only_in_names_are_one_problem():
     """Same numbers, same answer, other name/object: never in both train and eval."""
-    from selfimprove_dagster.quality import gate_no_contamination
+    from selfimprove_dagster.quality.gates import gate_no_contamination
 
     for seed in range(3):
         table = make_task("word_problems", n_train=200, n_eval=200, seed=seed)

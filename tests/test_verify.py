@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.verify import (
+from selfimprove_dagster.verifiers.numeric import (
     Verdict,
     correctness_reward,
     extract_answer,

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from selfimprove_dagster import consistency, judge, refine, star
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import content_hash
+from selfimprove_dagster.methods import consistency, judge, refine, star
 from selfimprove_dagster.progress import LogFn
 
 CRITICS = ("star", "self_consistency", "self_judge")

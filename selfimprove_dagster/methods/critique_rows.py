@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from selfimprove_dagster.verify import extract_answer, ground_truth
+from selfimprove_dagster.verifiers.numeric import extract_answer, ground_truth
 
 CRITIQUE_SCHEMA = {
     "round": pl.String,

@@ -44,8 +44,8 @@ from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
 from selfimprove_dagster.progress import LogFn
-from selfimprove_dagster.tasks import FAMILIES, TaskFamily, draw_problems, problem_key
-from selfimprove_dagster.verify import verify
+from selfimprove_dagster.sources.tasks import FAMILIES, TaskFamily, draw_problems, problem_key
+from selfimprove_dagster.verifiers.numeric import verify
 
 # Why a train row of a curriculum round is there.
 ROLE_CHOSEN, ROLE_REPLAY, ROLE_PROBE = "chosen", "replay", "probe"

@@ -14,7 +14,7 @@ import polars as pl
 from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
 from selfimprove_dagster.ids import content_hash, generation_id
 from selfimprove_dagster.progress import LogFn
-from selfimprove_dagster.verify import Verdict, verify
+from selfimprove_dagster.verifiers.numeric import Verdict, verify
 
 
 def train_prompts(prompts: pl.DataFrame) -> pl.DataFrame:

@@ -25,12 +25,12 @@ from typing import Literal
 
 import polars as pl
 
-from selfimprove_dagster import critique_rows
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.ids import refined_generation_id
+from selfimprove_dagster.methods import critique_rows
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.prompting import load_template, render
-from selfimprove_dagster.verify import verify
+from selfimprove_dagster.verifiers.numeric import verify
 
 CRITIC = "refiner"
 Feedback = Literal["critic", "self"]

@@ -50,13 +50,13 @@ from pathlib import Path
 
 import polars as pl
 
-from selfimprove_dagster import rouge
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.prompting import load_template, render
-from selfimprove_dagster.verify import extract_answer
+from selfimprove_dagster.sources import rouge
+from selfimprove_dagster.verifiers.numeric import extract_answer
 
 # Self-Instruct's keyword filter: things a text-only model cannot see or produce.
 BLACKLIST: tuple[str, ...] = (
@@ -287,7 +287,7 @@ def synthesize(
     log: LogFn | None = None,
 ) -> pl.DataFrame:
     """Candidates of one round's synthesis, kept and dropped (`CANDIDATE_SCHEMA`)."""
-    from selfimprove_dagster.quality import gate_no_contamination
+    from selfimprove_dagster.quality.gates import gate_no_contamination
 
     say = log or (lambda _: None)
     rng = random.Random(f"self_instruct:{round_}:{config.seed}")

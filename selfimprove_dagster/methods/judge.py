@@ -22,8 +22,8 @@ import re
 
 import polars as pl
 
-from selfimprove_dagster import critique_rows
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
+from selfimprove_dagster.methods import critique_rows
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.prompting import load_template, render
 

@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from selfimprove_dagster import curriculum as cur
-from selfimprove_dagster import synthesis as syn
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
 from selfimprove_dagster.progress import LogFn
-from selfimprove_dagster.quality import normalize_prompt
-from selfimprove_dagster.storage import RoundStore, previous_round, round_index, round_key
+from selfimprove_dagster.quality.gates import normalize_prompt
+from selfimprove_dagster.sources import curriculum as cur
+from selfimprove_dagster.sources import synthesis as syn
+from selfimprove_dagster.store.storage import RoundStore, previous_round, round_index, round_key
 
 SOURCES = ("task", "dataset", "curriculum", "self_instruct")
 VERIFIABLE = ("task", "dataset", "curriculum")
@@ -243,7 +243,7 @@ def problem_rows(
 
 
 def _task(plan: PromptPlan, n: int, store: RoundStore, round_: str):
-    from selfimprove_dagster.tasks import make_task
+    from selfimprove_dagster.sources.tasks import make_task
 
     if plan.fixed_problems is not None:
         table = plan.fixed_problems(n)
@@ -256,7 +256,7 @@ def _task(plan: PromptPlan, n: int, store: RoundStore, round_: str):
 
 
 def _dataset(plan: PromptPlan, n: int, store: RoundStore, round_: str):
-    from selfimprove_dagster.tasks import load_dataset_file
+    from selfimprove_dagster.sources.tasks import load_dataset_file
 
     if not plan.dataset_path:
         raise SelfImproveError(
@@ -282,7 +282,7 @@ def _curriculum(
     sampling: Sampling,
     log: LogFn | None,
 ):
-    from selfimprove_dagster.tasks import problem_key
+    from selfimprove_dagster.sources.tasks import problem_key
 
     config = plan.curriculum
     if config is None:

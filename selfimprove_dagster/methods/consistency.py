@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from selfimprove_dagster import critique_rows
-from selfimprove_dagster.verify import extract_answer
+from selfimprove_dagster.methods import critique_rows
+from selfimprove_dagster.verifiers.numeric import extract_answer
 
 CRITIC = "majority_vote"
 

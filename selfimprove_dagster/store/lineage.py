@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.storage import ROUND_PATTERN, RoundStore
+from selfimprove_dagster.store.storage import ROUND_PATTERN, RoundStore
 
 
 def _connect(store: RoundStore):

@@ -20,8 +20,8 @@ from typing import Any
 
 import polars as pl
 
-from selfimprove_dagster.metrics import pass_at_k
-from selfimprove_dagster.quality import GateResult
+from selfimprove_dagster.quality.gates import GateResult
+from selfimprove_dagster.quality.metrics import pass_at_k
 
 # The monitors `exploration_dropped` compares between rounds.
 EXPLORATION_KEYS = ("pass_at_k", "distinct_correct_per_prompt")

@@ -32,7 +32,7 @@ import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
-from selfimprove_dagster.verify import normalize_number
+from selfimprove_dagster.verifiers.numeric import normalize_number
 
 PROBLEM_SCHEMA: dict[str, pl.DataType] = {
     "prompt_id": pl.String(),
