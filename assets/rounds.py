@@ -10,12 +10,14 @@ read it back from the round's `generations`, so the three always agree.
 """
 
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import dagster as dg
 import polars as pl
 
 from assets.partitions import ROUNDS
+from assets.sensors import check_round_order
 from resources import (
     EvolutionResource,
     GatesResource,
@@ -34,33 +36,127 @@ from selfimprove_dagster.evaluation import (
 )
 from selfimprove_dagster.evolution import (
     choose_temperature_from_samples,
-    promoted_round,
     round_policy,
     round_temperature,
 )
+from selfimprove_dagster.methods import grpo, star
 from selfimprove_dagster.methods import recipe as methods
-from selfimprove_dagster.methods import star
-from selfimprove_dagster.plots import markdown_image, render_history
+from selfimprove_dagster.models import model_ref_identity
+from selfimprove_dagster.profiles import MODEL_POOL
 from selfimprove_dagster.quality import monitors
 from selfimprove_dagster.sources import mix as prompt_sources
+from selfimprove_dagster.store import schemas
 from selfimprove_dagster.store.storage import RoundStore, round_index
+from selfimprove_dagster.store.versions import TableVersion
 from selfimprove_dagster.training import train_lora
 
 ROUND_KINDS = {"python", "parquet"}
 
 
-def _save(context: dg.AssetExecutionContext, store: RoundStore, table: str, frame: pl.DataFrame):
-    """Write the round's table atomically and make it queryable in the DuckDB catalog."""
-    path = store.write(context.partition_key, table, frame)
+def _save(
+    context: dg.AssetExecutionContext,
+    store: RoundStore,
+    step: str,
+    frames: dict[str, pl.DataFrame | None],
+) -> TableVersion:
+    """Publish the step's tables as one new version of the round (a None frame: not
+    written this time, so that table is no longer current) and refresh the catalog."""
+    if not isinstance(frames, dict):
+        raise TypeError(
+            "_save publishes a step's tables: _save(context, store, step, {table: frame})"
+        )
+    written = {table: frame for table, frame in frames.items() if frame is not None}
+    version = store.publish(context.partition_key, step, written, run_id=context.run_id)
+    context.log.info(
+        f"{context.partition_key}: {step} version {version.version}: {', '.join(written)}"
+    )
     context.log.info(store.refresh_catalog())
-    return path
+    return version
+
+
+def table_schema(table: str) -> dg.TableSchema:
+    """The declared columns of a round table (`store.schemas`, shared with the GE suites)."""
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(c.name, c.type, description=c.description or None)
+            for c in schemas.columns(table)
+        ]
+    )
+
+
+def _table_spec(table: str, group: str, deps=(), skippable: bool = False, **kwargs):
+    """A round table as an asset of a multi-asset step: its columns and its DuckDB view."""
+    return dg.AssetSpec(
+        table,
+        deps=list(deps),
+        skippable=skippable,
+        group_name=group,
+        kinds=kwargs.pop("kinds", ROUND_KINDS),
+        description=kwargs.pop("description", None),
+        metadata={"dagster/column_schema": table_schema(table), "dagster/table_name": table},
+        **kwargs,
+    )
+
+
+def _table_result(
+    version: TableVersion, table: str, metadata: dict | None = None
+) -> dg.MaterializeResult:
+    """A table's materialization: row count, DuckDB view, Parquet location of the
+    current version, column schema, and its content hash as the Dagster data version
+    (downstream assets of the round show stale only when the content changed)."""
+    return dg.MaterializeResult(
+        asset_key=table,
+        metadata={
+            "dagster/row_count": version.row_counts[table],
+            "dagster/table_name": table,
+            "dagster/uri": str(version.path(table).resolve()),
+            "dagster/column_schema": table_schema(table),
+            "version": version.version,
+            **(metadata or {}),
+        },
+        data_version=dg.DataVersion(version.table_hashes[table]),
+    )
+
+
+def _side_results(version: TableVersion, *tables: str) -> Iterator[dg.MaterializeResult]:
+    """Results for those of `tables` written in `version` (a skipped one: none). A multi
+    asset yields in lineage order: a step's upstream tables before their dependents."""
+    for table in tables:
+        if table in version.tables:
+            yield _table_result(version, table)
 
 
 def _preview(frame: pl.DataFrame, columns: list[str], rows: int = 5) -> dg.MetadataValue:
     return dg.MetadataValue.md(frame.select(columns).head(rows).to_pandas().to_markdown())
 
 
-@dg.asset(partitions_def=ROUNDS, group_name="generate", kinds=ROUND_KINDS)
+@dg.multi_asset(
+    name="prompts",
+    partitions_def=ROUNDS,
+    pool=MODEL_POOL,  # Self-Instruct / curriculum load the policy
+    specs=[
+        # The kept Self-Instruct candidates and the curriculum's chosen band make prompts.
+        _table_spec("prompts", "generate", deps=["prompt_candidates", "curriculum_measure"]),
+        _table_spec(
+            "prompt_mix",
+            "generate",
+            deps=["prompts"],
+            description="One row per prompt source: weight, rows asked and given.",
+        ),
+        _table_spec(
+            "prompt_candidates",
+            "generate",
+            skippable=True,
+            description="Self-Instruct: every synthesized candidate, kept or dropped (why).",
+        ),
+        _table_spec(
+            "curriculum_measure",
+            "generate",
+            skippable=True,
+            description="Curriculum: the policy's answers per band (the band choice).",
+        ),
+    ],
+)
 def prompts(
     context: dg.AssetExecutionContext,
     storage: StorageResource,
@@ -69,7 +165,7 @@ def prompts(
     evolution: EvolutionResource,
     gates: GatesResource,
     method: MethodResource,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """The round's problems from its prompt sources (`task.sources`: task, dataset,
     curriculum, self_instruct, mixed by weight): train prompts (sampled from) and the
     fixed held-out eval prompts (scored only, never trained on). Self-Instruct writes
@@ -83,6 +179,7 @@ def prompts(
     model-made answer), origin_round, seed_ids, parent_prompt_ids.
     """
     store, round_ = storage.store(), context.partition_key
+    check_round_order(context)  # a backfill builds each round on a done parent
     method.recipe()  # an unknown method fails here, before anything is sampled
     plan = task.plan(generator.max_new_tokens, gates.near_duplicate_threshold)
 
@@ -99,32 +196,48 @@ def prompts(
         context.log.info,
         sampling=generator.sampling(round_index(round_)),
     )
-    path = _save(context, store, "prompts", result.prompts)
-    _save(context, store, prompt_sources.MIX_TABLE, result.mix)
+    version = _save(
+        context,
+        store,
+        "prompts",
+        {
+            "prompts": result.prompts,
+            prompt_sources.MIX_TABLE: result.mix,
+            prompt_sources.MEASURE_TABLE: result.measurements,
+            prompt_sources.CANDIDATES_TABLE: result.candidates,
+        },
+    )
     extra = {}
-    if result.measurements is not None:
-        _save(context, store, prompt_sources.MEASURE_TABLE, result.measurements)
     if result.candidates is not None:
-        _save(context, store, prompt_sources.CANDIDATES_TABLE, result.candidates)
         dropped = result.candidates.filter(~pl.col("kept"))
         extra["dropped_preview"] = _preview(
             dropped, ["instruction", "drop_reason", "drop_detail"], rows=10
         )
     for line in prompt_sources.describe(result):
         context.log.info(f"{round_}: {line}")
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": result.prompts.height,
+    yield from _side_results(version, prompt_sources.CANDIDATES_TABLE, prompt_sources.MEASURE_TABLE)
+    yield _table_result(
+        version,
+        "prompts",
+        {
             **prompt_sources.summary(result),
-            "path": str(path),
             "preview": _preview(result.prompts, ["prompt", "answer", "split", "source"]),
             **extra,
-        }
+        },
     )
+    yield from _side_results(version, prompt_sources.MIX_TABLE)
 
 
 @dg.asset(
-    partitions_def=ROUNDS, group_name="generate", kinds=ROUND_KINDS | {"pytorch"}, deps=[prompts]
+    partitions_def=ROUNDS,
+    pool=MODEL_POOL,
+    group_name="generate",
+    kinds=ROUND_KINDS | {"pytorch"},
+    deps=["prompts"],
+    metadata={
+        "dagster/column_schema": table_schema("generations"),
+        "dagster/table_name": "generations",
+    },
 )
 def generations(
     context: dg.AssetExecutionContext,
@@ -155,10 +268,11 @@ def generations(
             replace(generator.sampling(round_index(round_)), temperature=temperature),
             log=context.log.info,
         )
-    path = _save(context, store, "generations", frame)
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": frame.height,
+    version = _save(context, store, "generations", {"generations": frame})
+    return _table_result(
+        version,
+        "generations",
+        {
             "policy_checkpoint": policy,
             "parent_round": parent or "none (base model)",
             "policy_mode": evolution.policy,
@@ -169,19 +283,33 @@ def generations(
             "generation_seconds": round(engine.last_stats.get("seconds", 0.0), 1),
             "mean_completion_tokens": float(frame["completion_tokens"].mean() or 0.0),
             "hit_length_limit_rate": float((frame["finish_reason"] == "length").mean() or 0.0),
-            "path": str(path),
             "preview": _preview(frame, ["prompt", "completion", "finish_reason"]),
-        }
+        },
     )
 
 
-@dg.asset(partitions_def=ROUNDS, group_name="critique", kinds=ROUND_KINDS, deps=[generations])
+@dg.multi_asset(
+    name="critiques",
+    partitions_def=ROUNDS,
+    pool=MODEL_POOL,  # the judge / refiner load the policy
+    specs=[
+        # The refiner's verdicts on the refined answers are critiques rows too.
+        _table_spec("critiques", "critique", deps=["generations", "prompts", "refinements"]),
+        _table_spec(
+            "refinements",
+            "critique",
+            deps=["generations", "prompts"],
+            skippable=True,
+            description="Self-Refine: each refined answer, its feedback and the sample it rewrote.",
+        ),
+    ],
+)
 def critiques(
     context: dg.AssetExecutionContext,
     storage: StorageResource,
     generator: GeneratorResource,
     method: MethodResource,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """Every generation's critique by the round's critic (`method`): the verifier
     (star), the majority vote (self_consistency) or the policy as judge (self_judge);
     with self_refine, also one row per refined answer (critic `refiner`), and the
@@ -205,19 +333,20 @@ def critiques(
         log=context.log.info,
     )
     frame = result.critiques
-    if result.refinements is not None:
-        _save(context, store, "refinements", result.refinements)
-    path = _save(context, store, "critiques", frame)
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": frame.height,
+    version = _save(
+        context, store, "critiques", {"critiques": frame, "refinements": result.refinements}
+    )
+    yield from _side_results(version, "refinements")
+    yield _table_result(
+        version,
+        "critiques",
+        {
             "method": recipe.name,
             "critics": ", ".join(frame["critic"].unique(maintain_order=True)),
             **critique_rates(frame),
             **{k: v for k, v in methods.method_metrics(recipe, frame).items() if v is not None},
-            "path": str(path),
             "preview": _preview(frame, ["critic", "verdict", "reason", "score", "critique"]),
-        }
+        },
     )
 
 
@@ -231,7 +360,14 @@ def critique_rates(frame: pl.DataFrame) -> dict[str, float]:
     return rates
 
 
-@dg.asset(partitions_def=ROUNDS, group_name="filter", kinds=ROUND_KINDS, deps=[critiques])
+@dg.asset(
+    partitions_def=ROUNDS,
+    group_name="filter",
+    kinds=ROUND_KINDS,
+    # Not `refinements`: it is skippable, and a skipped upstream skips this step.
+    deps=["critiques", "generations"],
+    metadata={"dagster/column_schema": table_schema("filtered"), "dagster/table_name": "filtered"},
+)
 def filtered(
     context: dg.AssetExecutionContext,
     storage: StorageResource,
@@ -253,43 +389,86 @@ def filtered(
         recipe,
         generated,
         store.read(round_, "critiques"),
-        store.read(round_, "refinements") if recipe.refine else None,
+        store.read(round_, "refinements")
+        if (recipe.refine or method.rationalize) and store.has(round_, "refinements")
+        else None,
         trainer.max_per_prompt,
-        method.settings(),
+        method.settings(trainer.rl_steps * trainer.rl_prompts_per_step, trainer.seed),
     )
-    path = _save(context, store, "filtered", frame)
+    version = _save(context, store, "filtered", {"filtered": frame})
+    if recipe.online:  # the rows are prompts to train on, not SFT targets: say so
+        context.log.info(f"{round_}: {recipe.name}: filtered holds the RL prompts")
     n_prompts = generated["prompt_id"].n_unique()
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": frame.height,
+    return _table_result(
+        version,
+        "filtered",
+        {
             "method": recipe.name,
             "objective": recipe.objective,
             "kept_fraction": frame.height / max(generated.height, 1),
             "prompts_covered": frame["prompt_id"].n_unique(),
             "prompt_coverage": frame["prompt_id"].n_unique() / max(n_prompts, 1),
             "refined_rows": int((frame["source"] == "refined").sum()),
+            "rationalized_rows": int((frame["source"] == "rationalized").sum()),
             "max_per_prompt": trainer.max_per_prompt,
             "content_hash": methods.filtered_content_hash(frame),
-            "path": str(path),
-        }
+        },
     )
 
 
-@dg.asset(partitions_def=ROUNDS, group_name="train", kinds={"pytorch", "python"}, deps=[filtered])
+@dg.multi_asset(
+    name="checkpoint",
+    partitions_def=ROUNDS,
+    pool=MODEL_POOL,
+    specs=[
+        dg.AssetSpec(
+            "checkpoint",
+            deps=["filtered"],
+            group_name="train",
+            kinds={"pytorch", "python"},
+        ),
+        _table_spec(
+            "checkpoints",
+            "train",
+            deps=["checkpoint"],
+            description="One row: the checkpoint's path, version, adapter hash, parent, "
+            "the filtered data version it trained on, steps and loss.",
+        ),
+        _table_spec(
+            "rollouts",
+            "train",
+            deps=["checkpoint"],
+            skippable=True,
+            description="grpo/rloo: every rollout the RL trainer sampled.",
+        ),
+        _table_spec(
+            "rl_steps",
+            "train",
+            deps=["checkpoint"],
+            skippable=True,
+            description="grpo/rloo: one row per optimizer step (RL health figures).",
+        ),
+    ],
+)
 def checkpoint(
     context: dg.AssetExecutionContext,
     storage: StorageResource,
     generator: GeneratorResource,
     trainer: TrainerResource,
     method: MethodResource,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """The round's LoRA adapter trained on `filtered`: TRL SFT (completion-only loss),
     or TRL DPO on the preference pairs with self_judge (reference = the round's policy);
     with a manifest: objective, base model, parent checkpoint, filtered-set hash,
-    hyper-parameters, seed, library versions, final loss and optimizer steps.
+    hyper-parameters, seed, library versions, final loss and optimizer steps. With
+    grpo/rloo: online RL (TRL) on the `filtered` prompts with the verifier as reward;
+    every rollout to table `rollouts`, per-step health to `rl_steps` (methods/grpo.py).
 
-    Table `checkpoints` (one row): round, path, trained_from, policy, content_hash,
-    train_examples, optimizer_steps, planned_steps, final_loss.
+    The adapter is published as a new version folder behind `checkpoints/<round>`; its
+    manifest names its adapter, parent and data by content (verified on every load).
+    Table `checkpoints` (one row): round, path, version, adapter_sha256, trained_from,
+    policy, content_hash, filtered_data_version, train_examples, optimizer_steps,
+    planned_steps, final_loss.
     """
     store, round_ = storage.store(), context.partition_key
     policy, parent = store.generation_policy(round_)
@@ -300,6 +479,7 @@ def checkpoint(
     # Training needs the memory (or the GPU) a kept generation engine holds; and the
     # checkpoint about to be written must not be served from a stale engine.
     generator.release_engine()
+    recorder = grpo.RolloutRecorder(round_, trained_from, trainer.rl_params())
     manifest = train_lora(
         recipe.objective,
         trained_from,
@@ -315,24 +495,47 @@ def checkpoint(
             "init": trainer.init,
             "method": recipe.name,
             "filtered_content_hash": methods.filtered_content_hash(frame),
+            # Identity, verified whenever the checkpoint loads (models.checkpoint_problem).
+            "filtered_data_version": store.data_version(round_, "filtered"),
+            "policy_identity": model_ref_identity(policy, store.models_dir),
         },
         log=context.log.info,
+        after_train=recorder.collect if recipe.online else None,
     )
     row = {
         "round": round_,
         "path": str(out_dir),
+        "version": manifest["version"],
+        "adapter_sha256": manifest["adapter_sha256"],
         "trained_from": manifest["trained_from"],
         "policy": policy,
         "content_hash": manifest["filtered_content_hash"],
+        "filtered_data_version": manifest["filtered_data_version"],
         "train_examples": manifest["train_examples"],
         "optimizer_steps": manifest["optimizer_steps"],
         "planned_steps": manifest["planned_steps"],
         "final_loss": manifest["final_loss"],
     }
-    _save(context, store, "checkpoints", pl.DataFrame([row]))
-    return dg.MaterializeResult(
+    online = recipe.online  # every rollout is data: see methods/grpo.py
+    version = _save(
+        context,
+        store,
+        "checkpoint",
+        {
+            "checkpoints": pl.DataFrame([row]),
+            grpo.ROLLOUTS_TABLE: recorder.rollouts if online else None,
+            grpo.STEPS_TABLE: recorder.steps if online else None,
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="checkpoint",
+        # The adapter's content hash: re-training to the same weights is not a change.
+        data_version=dg.DataVersion(manifest["adapter_sha256"]),
         metadata={
             "path": str(out_dir),
+            "dagster/uri": str(store.checkpoint_version_dir(round_)),
+            "version": manifest["version"],
+            "adapter_sha256": manifest["adapter_sha256"],
             "trained_from": manifest["trained_from"],
             "policy_checkpoint": policy,
             "parent_round": parent or "none (base model)",
@@ -344,12 +547,32 @@ def checkpoint(
             "final_loss": manifest["final_loss"],
             "train_seconds": manifest["train_seconds"],
             "filtered_content_hash": manifest["filtered_content_hash"],
-        }
+            **{k: v for k, v in manifest.get("rl", {}).items() if v is not None},
+        },
     )
+    yield _table_result(version, "checkpoints")
+    yield from _side_results(version, grpo.ROLLOUTS_TABLE, grpo.STEPS_TABLE)
 
 
-@dg.asset(
-    partitions_def=ROUNDS, group_name="evaluate", kinds=ROUND_KINDS | {"pytorch"}, deps=[checkpoint]
+@dg.multi_asset(
+    name="eval_scores",
+    partitions_def=ROUNDS,
+    pool=MODEL_POOL,
+    specs=[
+        # The round's monitors read its generations, critiques and filtered rows.
+        _table_spec(
+            "eval_scores",
+            "evaluate",
+            deps=["eval_details", "checkpoint", "generations", "critiques", "filtered"],
+            kinds=ROUND_KINDS | {"pytorch"},
+        ),
+        _table_spec(
+            "eval_details",
+            "evaluate",
+            deps=["checkpoint", "prompts"],
+            description="One row per held-out prompt: greedy answer, correct, pass@k.",
+        ),
+    ],
 )
 def eval_scores(
     context: dg.AssetExecutionContext,
@@ -359,10 +582,10 @@ def eval_scores(
     trainer: TrainerResource,
     evolution: EvolutionResource,
     method: MethodResource,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """Held-out scores of the round's checkpoint (greedy accuracy, pass@k) next to the
     accuracy of the policy that generated the round (before -> after), with the round's
-    B-STaR monitors and a plot of the history across rounds.
+    B-STaR monitors (the history across rounds is the `history` asset).
 
     Columns (one row): round, checkpoint, policy, accuracy_before, accuracy_after,
     pass_at_k, k, n_eval, kept, kept_fraction, train_pass_at_k,
@@ -421,28 +644,31 @@ def eval_scores(
         **methods.method_metrics(
             method.recipe(), store.read(round_, "critiques"), store.read(round_, "filtered")
         ),
+        **grpo.round_health(store, round_, method.recipe().online),
         **tuning,
         "eval_seconds": round(time.monotonic() - started, 1),
     }
-    _save(context, store, "eval_details", after.details.with_columns(round=pl.lit(round_)))
-    _save(context, store, "eval_scores", pl.DataFrame([row]))
-    history = store.history()
-    promoted = record_promoted_policy(store, history)
-    context.log.info(store.refresh_catalog())
-    plot = render_history(history, store.data_dir / "plots" / "history.png")
+    version = _save(
+        context,
+        store,
+        "eval_scores",
+        {
+            "eval_scores": pl.DataFrame([row]),
+            "eval_details": after.details.with_columns(round=pl.lit(round_)),
+        },
+    )
+    # promoted_policy and history are assets of their own (assets/policy.py).
     context.log.info(f"{round_}: held-out accuracy {before:.1%} -> {after.accuracy:.1%}")
-    return dg.MaterializeResult(
-        metadata={
+    yield from _side_results(version, "eval_details")
+    yield _table_result(
+        version,
+        "eval_scores",
+        {
             **{k: v for k, v in row.items() if v is not None and k != "round"},
             "accuracy_delta": after.accuracy - before,
             "policy_checkpoint": policy,
             "parent_round": parent or "none (base model)",
-            "promoted_round": promoted or "none (every round regressed)",
-            "history": dg.MetadataValue.md(markdown_image(plot)),
-            "history_table": dg.MetadataValue.md(
-                history.select(HISTORY_COLUMNS).to_pandas().to_markdown(index=False)
-            ),
-        }
+        },
     )
 
 
@@ -466,24 +692,6 @@ def tune_next_temperature(engine, store, round_, generator, trainer, evolution, 
     temperature, reason = choose_temperature_from_samples(balance, current=current)
     context.log.info(f"{round_}: next round's temperature: {reason}")
     return {"next_temperature": temperature, "next_temperature_reason": reason}
-
-
-def record_promoted_policy(store: RoundStore, history: pl.DataFrame) -> str | None:
-    """Point the `promoted_policy` record at the best non-regressed checkpoint so far."""
-    promoted = promoted_round(history)
-    if promoted is not None:
-        best = history.filter(pl.col("round") == promoted).row(0, named=True)
-        record = {
-            "round": promoted,
-            "checkpoint": best["checkpoint"],
-            "accuracy": best["accuracy_after"],
-            "decided_after": history["round"].max(),
-        }
-        store.write_promoted(pl.DataFrame([record]))
-    return promoted
-
-
-HISTORY_COLUMNS = ["round", "kept", "accuracy_before", "accuracy_after", "pass_at_k"]
 
 
 def round_health(store: RoundStore, round_: str, k: int, target: int) -> dict:

@@ -26,3 +26,8 @@ class GatesResource(dg.ConfigurableResource):
     max_unscored: float = Field(
         default=0.5, description="WARN when the critic (a judge) scores fewer generations."
     )
+    max_truncated: float = Field(
+        default=0.5,
+        description="WARN when more than this share of samples stopped at the token limit "
+        "(raise SELFIMPROVE_MAX_NEW_TOKENS, or use answer_format=rationale's budget).",
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from resources.env import ENV_PREFIX
 from selfimprove_dagster.engines import (
@@ -42,12 +42,21 @@ class GeneratorResource(dg.ConfigurableResource):
         default=DEFAULT_MODEL,
         description="Round 0 policy: embedded:<name>, a HF folder or a checkpoint folder.",
     )
-    samples_per_prompt: int = Field(default=4, description="k samples per train prompt.")
-    temperature: float = Field(default=0.8, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(default=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(default=50, description="Sample among the top-k tokens (0 = off).")
-    max_new_tokens: int = Field(default=16, description="Completion budget in tokens.")
-    batch_size: int = Field(default=64, description="Rows per generate() batch.")
+    samples_per_prompt: int = Field(default=4, ge=1, description="k samples per train prompt.")
+    temperature: float = Field(default=0.8, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(default=50, ge=0, description="Sample among the top-k tokens (0 = off).")
+    max_new_tokens: int = Field(
+        default=16,
+        ge=1,
+        description="Completion budget in tokens (default 16; 256 with answer_format=rationale).",
+    )
+    answer_format: str = Field(
+        default="short",
+        description="short or rationale (SELFIMPROVE_ANSWER_FORMAT sets this and the task's): "
+        "rationale raises the default max_new_tokens to a budget a rationale fits in.",
+    )
+    batch_size: int = Field(default=64, ge=1, description="Rows per generate() batch.")
     torch_threads: int = Field(
         default=0, description="torch threads (0 = torch's default; 1 if cores are busy)."
     )
@@ -108,6 +117,20 @@ class GeneratorResource(dg.ConfigurableResource):
         description="openai: load a round's LoRA adapter into the server by name first "
         "(vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; needs init=restart).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rationale_budget(cls, values: object) -> object:
+        # A rationale does not fit in 16 tokens: unless max_new_tokens is set, give it room.
+        if (
+            isinstance(values, dict)
+            and values.get("answer_format") == "rationale"
+            and values.get("max_new_tokens") in (None, "")
+        ):
+            from selfimprove_dagster.sources.answer_format import RATIONALE_MAX_NEW_TOKENS
+
+            values = {**values, "max_new_tokens": RATIONALE_MAX_NEW_TOKENS}
+        return values
 
     def sampling(self, round_index: int = 0) -> Sampling:
         return Sampling(

@@ -17,7 +17,8 @@ class MethodResource(dg.ConfigurableResource):
         default="star",
         description="star (verifier), self_consistency (majority-vote pseudo-labels), "
         "self_judge (the policy judges itself; DPO pairs), self_refine (= star+self_refine), "
-        "or <star|self_consistency>+self_refine.",
+        "or <star|self_consistency>+self_refine; self_verify (the policy's own likelihood "
+        "picks a sample; SFT-sharpening); grpo / rloo (online RL in `checkpoint`, TRL).",
     )
     vote_threshold: float = Field(
         default=0.5,
@@ -57,11 +58,31 @@ class MethodResource(dg.ConfigurableResource):
     critique_max_new_tokens: int = Field(
         default=48, description="self_refine with self feedback: token budget of a critique."
     )
+    rl_prompt_filter: Literal["signal_first", "all"] = Field(
+        default="signal_first",
+        description="grpo/rloo: which train prompts `filtered` keeps for RL: signal_first "
+        "(prompts whose starting-policy samples were sometimes right first) or all.",
+    )
+
+    rationalize: bool = Field(
+        default=False,
+        description="star: STaR rationalization: for train prompts with no accepted sample, "
+        "sample again with the reference answer as a hint; accepted rationales train on the "
+        "prompt without the hint (filtered rows source=rationalized, hint_used).",
+    )
+    rationalize_samples: int = Field(
+        default=2, ge=1, description="star with rationalize: hinted samples per unsolved prompt."
+    )
+    rationalize_max: int = Field(
+        default=200, ge=0, description="star with rationalize: unsolved prompts per round."
+    )
 
     def recipe(self) -> Recipe:
         return parse_method(self.method)
 
-    def settings(self) -> MethodSettings:
+    def settings(self, rl_prompts: int = 32, seed: int = 0) -> MethodSettings:
+        """The critics' knobs; grpo/rloo also need how many prompts the trainer takes
+        (`TrainerResource.rl_steps` x `rl_prompts_per_step`) and the seed."""
         return MethodSettings(
             vote_threshold=self.vote_threshold,
             judge_accept_points=self.judge_accept_points,
@@ -73,4 +94,10 @@ class MethodResource(dg.ConfigurableResource):
             refine_max=self.refine_max,
             refine_probe=self.refine_probe,
             critique_max_new_tokens=self.critique_max_new_tokens,
+            rl_prompt_filter=self.rl_prompt_filter,
+            rl_prompts=rl_prompts,
+            seed=seed,
+            rationalize=self.rationalize,
+            rationalize_samples=self.rationalize_samples,
+            rationalize_max=self.rationalize_max,
         )

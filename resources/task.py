@@ -21,10 +21,27 @@ class TaskResource(dg.ConfigurableResource):
     )
     dataset_path: str = Field(
         default="",
-        description="A .jsonl/.parquet file with prompt+answer (or GSM8K's question+answer).",
+        description="A .jsonl/.parquet file (prompt+answer, GSM8K, multiple choice, MATH, "
+        "MBPP, HumanEval; docs/tasks-and-verifiers.md), or a folder with train.jsonl and "
+        "dev/test.jsonl (e.g. ../shared/data/commonsenseqa).",
     )
-    n_train: int = Field(default=200, description="Train prompts sampled each round.")
-    n_eval: int = Field(default=200, description="Held-out prompts (never trained on).")
+    verifier: str = Field(
+        default="",
+        description="Verifier of rows without a `verifier` column: numeric, multiple_choice, "
+        "math, code or module:function ('' = the one the file's layout implies).",
+    )
+    answer_format: str = Field(
+        default="short",
+        description="short (just the answer) or rationale (reason step by step, then a final "
+        "'Answer: X' line; also raises the generator's token budget, see GeneratorResource).",
+    )
+    drop_contaminated: bool = Field(
+        default=False,
+        description="Drop dataset train rows that near-duplicate an eval row at load time "
+        "(each logged with the eval row it matched) instead of blocking the round.",
+    )
+    n_train: int = Field(default=200, ge=1, description="Train prompts sampled each round.")
+    n_eval: int = Field(default=200, ge=1, description="Held-out prompts (never trained on).")
     seed: int = Field(default=0, description="Seed of the problem draw and split.")
     eval_samples_per_prompt: int = Field(
         default=4, description="k for held-out pass@k (0 = greedy accuracy only)."
@@ -178,10 +195,30 @@ class TaskResource(dg.ConfigurableResource):
             fixed_problems=None if self.sources else (lambda n: self.problems()),
         )
 
-    def problems(self) -> pl.DataFrame:
+    def problems(self, dropped: list[dict] | None = None) -> pl.DataFrame:
+        """The round's problems in the answer format; contaminated train rows dropped
+        with `drop_contaminated` are appended to `dropped` (and logged)."""
+        from selfimprove_dagster.sources.answer_format import apply_answer_format, check_format
         from selfimprove_dagster.sources.tasks import load_dataset_file, make_task
 
         self.plan()  # validates the prompt sources before anything runs (CLI preflight)
+        check_format(self.answer_format)
         if self.dataset_path:
-            return load_dataset_file(self.dataset_path, self.n_train, self.n_eval, self.seed)
-        return make_task(self.task, self.n_train, self.n_eval, self.seed)
+            dropped = [] if dropped is None else dropped
+            table = load_dataset_file(
+                self.dataset_path,
+                self.n_train,
+                self.n_eval,
+                self.seed,
+                verifier=self.verifier or None,
+                drop_contaminated=self.drop_contaminated,
+                dropped=dropped,
+            )
+            for row in dropped:
+                dg.get_dagster_logger().warning(
+                    f"dropped contaminated train row {row['prompt'][:80]!r}: {row['match']} "
+                    f"match ({row['similarity']}) of eval row {row['eval_prompt'][:80]!r}"
+                )
+        else:
+            table = make_task(self.task, self.n_train, self.n_eval, self.seed)
+        return apply_answer_format(table, self.answer_format)

@@ -3,19 +3,28 @@
     selfimprove run --rounds 3      # materialize round_000..round_002 through Dagster
     selfimprove status [--json]     # one line per round: kept, accuracy before -> after
     selfimprove ui                  # dagster dev on 127.0.0.1 over the same instance
+    selfimprove gc [--dry-run]      # delete table/checkpoint versions that are not current
 
 Runs go through the persistent Dagster instance under `<data_dir>/dagster_home`, so
 rounds started here show in the UI afterwards. Recipe knobs are the resources' fields,
 set with `SELFIMPROVE_<FIELD>` environment variables (e.g. SELFIMPROVE_N_TRAIN=100).
+
+A round is done when Dagster recorded it (its eval_scores materialization, its blocking
+checks passed, nothing upstream re-materialized since: `assets/sensors.py`), never
+because a file exists. Every command but `lineage` first marks runs whose process died
+as failed (`mark_orphaned_runs`). Only public Dagster APIs here (tests grep for that).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from selfimprove_dagster.errors import SelfImproveError
@@ -29,40 +38,67 @@ def use_data_dir(data_dir: str) -> RoundStore:
     store = RoundStore(Path(data_dir).expanduser().resolve())
     dagster_home = store.data_dir / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
-    config = dagster_home / "dagster.yaml"
-    if not config.exists():  # the default SQLite storage, stated; no telemetry off-machine
-        config.write_text("telemetry:\n  enabled: false\n")
+    write_instance_config(dagster_home / "dagster.yaml")
     os.environ["SELFIMPROVE_DATA_DIR"] = str(store.data_dir)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     return store
 
 
-def gate_summaries(rounds: list[str]) -> dict[str, str]:
-    """Per round, its blocking gates from the Dagster instance: "ok", or the failed ones."""
+# What older versions wrote: replaced by the managed config.
+OLD_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
+
+
+def write_instance_config(path: Path) -> None:
+    """The local instance's dagster.yaml (SQLite storage, run monitoring, concurrency
+    limits, the automation sensor): written when missing, over what older versions
+    wrote, or while its first line still says it is managed; a file of your own stays."""
+    from selfimprove_dagster.profiles import LOCAL_INSTANCE_YAML, MANAGED_MARKER
+
+    if path.exists():
+        text = path.read_text()
+        if text == LOCAL_INSTANCE_YAML:
+            return
+        if text != OLD_INSTANCE_YAML and not text.startswith(MANAGED_MARKER):
+            return
+    path.write_text(LOCAL_INSTANCE_YAML)
+
+
+def dagster_record(defs=None):
+    """The instance's record of the rounds, read against the code location's graph."""
     import dagster as dg
 
-    from assets.sensors import blocking_check_keys, gate_results
-    from selfimprove_dagster.definitions import build_definitions
+    from assets.sensors import DagsterRecord, RoundGraph
 
-    instance = dg.DagsterInstance.get()
-    keys = blocking_check_keys(build_definitions().get_repository_def())
-    summaries = {}
-    for key in rounds:
-        gates = gate_results(instance, key, keys)
-        bad = gates.failed + [f"{name} (not run)" for name in gates.not_run]
-        summaries[key] = "failed: " + ", ".join(bad) if bad else f"ok ({len(keys)})"
-    return summaries
+    if defs is None:
+        from selfimprove_dagster.definitions import build_definitions
+
+        defs = build_definitions()
+    return DagsterRecord(dg.DagsterInstance.get(), RoundGraph.of(defs.get_repository_def()))
 
 
-def status_rows(store: RoundStore) -> list[dict]:
-    """Per completed round: kept samples, held-out accuracy before -> after, pass@k."""
-    from selfimprove_dagster.evolution import promoted_round
+def gate_summary(state) -> str:
+    """A round's gates column: "ok (n)", the failed ones, or why it is stale."""
+    bad = state.gates.failed + [f"{name} (not run)" for name in state.gates.not_run]
+    if bad:
+        return "failed: " + ", ".join(bad)
+    if state.newer:
+        return "stale: re-materialized since: " + ", ".join(state.newer)
+    return "ok"
+
+
+def status_rows(store: RoundStore, record=None) -> list[dict]:
+    """Per round with a recorded eval_scores: kept samples, held-out accuracy before ->
+    after, pass@k, its gates; the promoted round among the done ones."""
+    from selfimprove_dagster.evolution import promotion
     from selfimprove_dagster.sources.mix import prompt_status
 
-    promoted = promoted_round(store.history()) if store.completed_rounds() else None
-    gates = gate_summaries(store.completed_rounds())
+    record = record or dagster_record()
+    states = {key: record.round(key) for key in record.rounds()}
+    recorded = [key for key, state in states.items() if state.materialized]
+    done = [key for key in recorded if states[key].done]
+    promoted = promotion(record.history(store, done)).round
     rows = []
-    for key in store.completed_rounds():
+    for key in recorded:
         scores = store.read(key, "eval_scores").row(0, named=True)
         kept = store.read(key, "filtered").height if store.has(key, "filtered") else None
         rows.append(
@@ -80,7 +116,8 @@ def status_rows(store: RoundStore) -> list[dict]:
                 "balance_score": scores.get("balance_score"),
                 "method": scores.get("method") or "star",
                 "promoted": key == promoted,
-                "gates": gates[key],
+                "done": states[key].done,
+                "gates": gate_summary(states[key]),
                 **prompt_status(store, key),  # curriculum band, synthesized prompts
             }
         )
@@ -132,36 +169,150 @@ def run_rounds(store: RoundStore, rounds: int) -> int:
     defs = build_definitions()
     preflight(defs, store)
     try:
-        return _run_rounds(defs.resolve_job_def("round_job"), store, rounds)
+        return _run_rounds(defs, store, rounds)
     finally:
         POOL.release()  # the engine kept across steps and rounds, before interpreter exit
 
 
-def _run_rounds(job, store: RoundStore, rounds: int) -> int:
-    import dagster as dg
+def round_to_run(record, store: RoundStore, key: str) -> str | None:
+    """Why `key` must (re)run, or None when it is done and its checkpoint chain verifies
+    (a re-materialized parent breaks the chain of every later round: they run again)."""
+    from assets.sensors import chain_problem
 
-    instance = dg.DagsterInstance.get()
-    done = set(store.completed_rounds())
+    if key not in record.rounds():
+        return "not started"
+    state = record.round(key)
+    if not state.done:
+        return state.problem() or "not done"
+    return chain_problem(store, key)
+
+
+def refuse_if_running(instance, key: str) -> None:
+    """A second run of a round that is being materialized is refused."""
+    from assets.sensors import unfinished_round_runs
+
+    running = unfinished_round_runs(instance, key)
+    if running:
+        run = running[0]
+        raise SelfImproveError(
+            f"{key} is already being materialized by run {run.run_id[:8]} "
+            f"({run.status.value}); a second run would write the same round",
+            "wait for it to finish (`selfimprove status`, or Runs in the UI) or terminate "
+            "it in the UI; a run whose process died is marked failed by the next "
+            "`selfimprove` command",
+        )
+
+
+def _run_rounds(defs, store: RoundStore, rounds: int) -> int:
+    job = defs.resolve_job_def("round_job")
+    record = dagster_record(defs)
+    instance = record.instance
     for index in range(rounds):
         key = round_key(index)
-        if key in done:
+        why = round_to_run(record, store, key)
+        if why is None:
             print(f"{key}: already complete, skipping")
             continue
+        refuse_if_running(instance, key)
         if not instance.has_dynamic_partition("rounds", key):
             instance.add_dynamic_partitions("rounds", [key])
-        print(f"{key}: running (Dagster run log: `make ui`)", flush=True)
+        reason = "" if why == "not started" else f" again ({why})"
+        print(f"{key}: running{reason} (Dagster run log: `make ui`)", flush=True)
         result = job.execute_in_process(
             partition_key=key,
             instance=instance,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )
+        record = dagster_record(defs)  # a fresh read of what the run recorded
         if not result.success:
             print(f"{key} failed: {run_failure_message(result)}", file=sys.stderr)
             return 1
-        print(format_status([r for r in status_rows(store) if r["round"] == key]), flush=True)
-    print("\nRounds so far:\n" + format_status(status_rows(store)))
+        refresh_policy(defs, instance)
+        print(format_status([r for r in status_rows(store, record) if r["round"] == key]))
+    print("\nRounds so far:\n" + format_status(status_rows(store, record)), flush=True)
     return 0
+
+
+def refresh_policy(defs, instance) -> None:
+    """Materialize `promoted_policy` and `history` after a round (in the UI the
+    automation sensor does; here nothing else would)."""
+    result = defs.resolve_job_def("policy_job").execute_in_process(
+        instance=instance, raise_on_error=False
+    )
+    if not result.success:
+        print(f"promoted_policy/history failed: {run_failure_message(result)}", file=sys.stderr)
+        return
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        if materialization.asset_key.to_user_string() == "promoted_policy":
+            print(f"promoted policy: {materialization.metadata['reason'].value}", flush=True)
+
+
+# --- runs whose process died ------------------------------------------------------------
+
+
+def mark_orphaned_runs(instance=None) -> list[str]:
+    """Mark runs that are STARTED (or CANCELING) in the instance but whose run-worker
+    process is gone (killed, crashed, machine rebooted) as failed, with the reason, so
+    the UI and the sensor stop waiting for them. One line per run marked.
+
+    The run worker's pid is the one recorded with its RUN_START event; a process that
+    no longer exists, or a zombie, is gone. Local instance only: under the cluster
+    profile runs live in other pods (the K8s run launcher's run monitoring covers them).
+    """
+    import dagster as dg
+
+    from selfimprove_dagster.profiles import active_profile
+
+    if active_profile().name == "cluster":
+        return []
+    instance = instance or dg.DagsterInstance.get()
+    statuses = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+    marked = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses)):
+        pid = run_worker_pid(instance, run.run_id)
+        if pid is None or process_alive(pid):
+            continue
+        where = run.tags.get("dagster/partition", "no partition")
+        reason = (
+            f"The run worker process (pid {pid}) is gone: it was killed or crashed while the "
+            f"run was {run.status.value}. Marked failed by `selfimprove`; re-run {where} "
+            "(`selfimprove run` or the UI)."
+        )
+        instance.report_run_failed(run, message=reason)
+        # Its pool slots (the `model` pool) go back now, not when the daemon next looks.
+        storage = instance.event_log_storage
+        if storage.supports_global_concurrency_limits:
+            storage.free_concurrency_slots_for_run(run.run_id)
+        marked.append(f"run {run.run_id[:8]} of {run.job_name} ({where}): {reason}")
+    return marked
+
+
+def run_worker_pid(instance, run_id: str) -> int | None:
+    """The pid of the process that started the run (its RUN_START event), if recorded."""
+    import dagster as dg
+
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.RUN_START, limit=1
+    ).records
+    event = records[0].event_log_entry.dagster_event if records else None
+    return event.pid if event is not None else None
+
+
+def process_alive(pid: int) -> bool:
+    """The process exists on this machine and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def preflight(defs, store: RoundStore) -> None:
@@ -255,14 +406,61 @@ def show_lineage(store: RoundStore, target: str, limit: int, as_json: bool) -> s
 
 
 def start_ui(port: int) -> int:
-    """`dagster dev` on 127.0.0.1 over the instance in DAGSTER_HOME (set by `use_data_dir`)."""
+    """`dagster dev` on 127.0.0.1 over the instance in DAGSTER_HOME (set by `use_data_dir`).
+
+    `dagster dev` runs in a process group of its own; SIGTERM and SIGINT sent to this
+    process are passed on to that whole group (webserver, daemon, code servers), and
+    whatever is left of it when `dagster dev` exits is stopped, so a service manager or
+    a script that stops `selfimprove ui` stops the UI.
+    """
     repo = Path(__file__).resolve().parents[1]
     dagster = Path(sys.executable).with_name("dagster")  # the venv's, even if not on PATH
     command = [str(dagster if dagster.exists() else "dagster"), "dev", "-h", "127.0.0.1"]
     command += ["-p", str(port)]
     if (repo / "workspace.yaml").is_file():
-        return subprocess.call([*command, "-w", str(repo / "workspace.yaml")], cwd=repo)
-    return subprocess.call([*command, "-m", "selfimprove_dagster.definitions"])
+        command += ["-w", str(repo / "workspace.yaml")]
+    else:
+        command += ["-m", "selfimprove_dagster.definitions"]
+    process = subprocess.Popen(command, cwd=repo, start_new_session=True)
+
+    def forward(signum: int, _frame) -> None:
+        signal_group(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_group(process.pid)
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    """Send `signum` to a process group (ignored when the group is gone)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
+def stop_group(pgid: int, grace: float = 20.0) -> None:
+    """Stop what is left of a process group: SIGTERM, then SIGKILL after `grace` seconds."""
+    signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    signal_group(pgid, signal.SIGKILL)
+
+
+def collect_garbage(store: RoundStore, dry_run: bool) -> str:
+    """`selfimprove gc`: old versions (tables and checkpoints) and dead writers' temporary
+    folders; the current version of every round is never touched."""
+    paths = store.collect_garbage(dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    lines = [f"{verb} {path.relative_to(store.data_dir)}" for path in paths]
+    return "\n".join([*lines, f"{verb} {len(paths)} old version(s)"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,10 +484,17 @@ def main(argv: list[str] | None = None) -> int:
     lineage.add_argument("--json", action="store_true", help="machine-readable output")
     ui = commands.add_parser("ui", parents=[common], help="dagster dev on 127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
+    gc = commands.add_parser(
+        "gc", parents=[common], help="delete table and checkpoint versions that are not current"
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     args = parser.parse_args(argv)
 
     store = use_data_dir(args.data_dir)
     try:
+        if args.command in ("run", "status", "ui"):
+            for line in mark_orphaned_runs():
+                print(f"marked failed: {line}", file=sys.stderr)
         if args.command == "run":
             return run_rounds(store, args.rounds)
         if args.command == "status":
@@ -301,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ui":
             return start_ui(args.port)
+        if args.command == "gc":
+            print(collect_garbage(store, args.dry_run))
+            return 0
     except SelfImproveError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

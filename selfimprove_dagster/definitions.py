@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import ROUND_ASSETS, ROUND_CHECKS, round_job
+from assets import (
+    POLICY_ASSETS,
+    ROUND_ASSETS,
+    ROUND_CHECKS,
+    policy_automation_sensor,
+    policy_job,
+    round_job,
+)
 from assets.sensors import EVOLUTION_SCHEDULES, EVOLUTION_SENSORS
 from resources import (
     EvolutionResource,
@@ -20,6 +27,7 @@ from resources import (
     TrainerResource,
     from_env,
 )
+from resources.env import check_environment
 from selfimprove_dagster.profiles import Profile, active_profile
 
 
@@ -42,12 +50,13 @@ def executor_for(profile: Profile) -> dg.ExecutorDefinition:
 
 
 def build_definitions() -> dg.Definitions:
+    check_environment()  # a misspelled SELFIMPROVE_* name is an error, not ignored
     profile = active_profile()  # SELFIMPROVE_PROFILE: local (default), gpu, cluster
     return dg.Definitions(
-        assets=ROUND_ASSETS,
+        assets=[*ROUND_ASSETS, *POLICY_ASSETS],
         asset_checks=ROUND_CHECKS,
-        jobs=[round_job],
-        sensors=EVOLUTION_SENSORS,
+        jobs=[round_job, policy_job],
+        sensors=[*EVOLUTION_SENSORS, policy_automation_sensor],
         schedules=EVOLUTION_SCHEDULES,
         resources={
             "storage": from_env(StorageResource, **profile.resource_defaults("storage")),

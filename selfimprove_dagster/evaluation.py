@@ -14,7 +14,10 @@ from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.quality.metrics import mean, pass_at_k
 from selfimprove_dagster.store.storage import RoundStore
-from selfimprove_dagster.verifiers.numeric import verify
+from selfimprove_dagster.verifiers.dispatch import verify_rows
+
+# Prompt columns a verifier may read besides `answer` (sources.tasks.VERIFIER_COLUMNS).
+_VERIFIER_COLUMNS = ("verifier", "choices", "tests", "test_setup", "entry_point")
 
 
 @dataclass(frozen=True)
@@ -35,17 +38,21 @@ def evaluate_policy(
     log: LogFn | None = None,
 ) -> EvalResult:
     """Score `engine`'s policy on the held-out prompts (`prompt_id`, `prompt`, `answer`)."""
-    prompts, answers = eval_set["prompt"].to_list(), eval_set["answer"].to_list()
+    prompts = eval_set["prompt"].to_list()
+    rows = eval_set.select(
+        "answer", *[c for c in _VERIFIER_COLUMNS if c in eval_set.columns]
+    ).to_dicts()
     greedy = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, seed=sampling.seed)
     greedy_out = engine.generate(prompts, 1, greedy, log=log)
-    greedy_verdicts = [verify(c.text, a) for c, a in zip(greedy_out, answers, strict=True)]
+    greedy_verdicts = verify_rows([c.text for c in greedy_out], rows)
 
     n_sampled = min(pass_at_k_prompts, len(prompts)) if k > 0 else 0
     correct_counts: list[int | None] = [None] * len(prompts)
     if n_sampled:
         sampled = engine.generate(prompts[:n_sampled], k, sampling, log=log)
-        for c in sampled:
-            ok = verify(c.text, answers[c.prompt_index]).correct
+        verdicts = verify_rows([c.text for c in sampled], [rows[c.prompt_index] for c in sampled])
+        for c, verdict in zip(sampled, verdicts, strict=True):
+            ok = verdict.correct
             correct_counts[c.prompt_index] = (correct_counts[c.prompt_index] or 0) + int(ok)
 
     details = pl.DataFrame(

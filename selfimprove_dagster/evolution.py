@@ -9,7 +9,9 @@ monitors). The Dagster sensor and schedule (`assets/sensors.py`) are thin wrappe
     decision.proceed, decision.next_round, decision.reason   # reason = skip reason
 
 `promoted_round` is the checkpoint to serve (best held-out accuracy among rounds that
-did not regress); `choose_policy` is the checkpoint that generates the next round.
+did not regress) and `promotion` the `promoted_policy` record with its reason;
+`history_table` is what the `history` asset shows (assets/policy.py wraps both);
+`choose_policy` is the checkpoint that generates the next round.
 `choose_temperature` is B-STaR's practical rule for the next round's temperature.
 """
 
@@ -195,6 +197,71 @@ def choose_policy(history: pl.DataFrame, mode: str, tolerance: float = 0.0) -> s
     return rounds["round"][-1] if rounds.height else None
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """The `promoted_policy` record: which checkpoint to serve, and why."""
+
+    round: str | None  # None: no round qualifies, serve the base model
+    checkpoint: str | None
+    accuracy: float | None  # its held-out accuracy (accuracy_after)
+    decided_after: str | None  # the latest round the decision saw
+    reason: str
+
+    def frame(self) -> pl.DataFrame:
+        """The one-row `promoted_policy` table."""
+        row = {name: getattr(self, name) for name in PROMOTION_SCHEMA}
+        return pl.DataFrame([row], schema=PROMOTION_SCHEMA)
+
+
+def promotion(history: pl.DataFrame, tolerance: float = 0.0) -> Promotion:
+    """The promoted checkpoint of `history` (done rounds' `eval_scores` rows, with a
+    `checkpoint` column) and the reason, naming the figures it was chosen on."""
+    rounds = in_round_order(history)
+    if rounds.height == 0:
+        return Promotion(None, None, None, None, "no completed rounds yet: serve the base model")
+    latest = rounds["round"][-1]
+    promoted = promoted_round(rounds, tolerance)
+    if promoted is None:
+        return Promotion(
+            None,
+            None,
+            None,
+            latest,
+            f"every round up to {latest} scored below its policy: serve the base model",
+        )
+    row = rounds.filter(pl.col("round") == promoted).row(0, named=True)
+    others = rounds.filter(pl.col("round") != promoted).height
+    reason = (
+        f"{promoted} has the best held-out accuracy {_pct(row['accuracy_after'])} "
+        f"(up from {_pct(row['accuracy_before'])}) among {others + 1} round(s) through "
+        f"{latest}; rounds that scored below their policy are never promoted"
+    )
+    checkpoint = row.get("checkpoint")
+    return Promotion(promoted, checkpoint, float(row["accuracy_after"]), latest, reason)
+
+
+HISTORY_COLUMNS = ("round", "kept", "accuracy_before", "accuracy_after", "pass_at_k")
+
+
+def history_table(history: pl.DataFrame, promoted: str | None = None) -> pl.DataFrame:
+    """The history as shown in the UI: one row per round, its headline figures and
+    whether it is the promoted one (columns missing from old rounds are null)."""
+    rounds = in_round_order(history)
+    if rounds.height == 0:
+        return pl.DataFrame(schema={name: pl.Utf8 for name in HISTORY_COLUMNS})
+    present = [name for name in HISTORY_COLUMNS if name in rounds.columns]
+    return rounds.select(present).with_columns(promoted=pl.col("round") == (promoted or ""))
+
+
+PROMOTION_SCHEMA = {
+    "round": pl.Utf8,
+    "checkpoint": pl.Utf8,
+    "accuracy": pl.Float64,
+    "decided_after": pl.Utf8,
+    "reason": pl.Utf8,
+}
+
+
 # --- B-STaR temperature --------------------------------------------------------------
 
 
@@ -357,7 +424,7 @@ def round_policy(
     best = choose_policy(history_through(store.history(), parent), "best")
     if best is None:
         return base_model, None
-    return str(store.checkpoint_dir(best).resolve()), best
+    return store.checkpoint_ref(best), best
 
 
 def round_temperature(

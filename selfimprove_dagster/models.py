@@ -14,8 +14,10 @@ Nothing here downloads: a hub id is only accepted with `allow_hub=True`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,160 @@ def read_manifest(checkpoint_dir: str | Path) -> dict[str, Any]:
 def trained_from(checkpoint_dir: Path) -> str:
     """The model a checkpoint's adapter was trained on top of.
 
-    Sibling checkpoints are stored relative (`../round_000`) so a data dir can move.
+    Sibling checkpoints are stored relative (`../round_000`: the *current* checkpoint
+    of that round, whose identity `checkpoint_problem` verifies) so a data dir can
+    move; they resolve lexically, so a link and its version folder give the same path.
+    Any other local model is recorded as an absolute path.
     """
     ref = read_manifest(checkpoint_dir)["trained_from"]
-    if ref.startswith("."):
-        return str((checkpoint_dir / ref).resolve())
+    if ref.startswith("../"):
+        return os.path.normpath(os.path.join(os.path.abspath(checkpoint_dir), ref))
+    if ref.startswith("."):  # written before base models were recorded absolute
+        return os.path.abspath(ref)
     return ref
+
+
+def resolved_model_ref(ref: str) -> str:
+    """A reference that means the same from any working dir: a local path made absolute
+    (`./my-model` would otherwise resolve under the checkpoint folder later)."""
+    if ref.startswith(EMBEDDED_PREFIX):
+        return ref
+    path = Path(ref).expanduser()
+    return os.path.abspath(path) if path.exists() else ref
+
+
+# --- checkpoint identity ------------------------------------------------------------------
+
+# Files whose bytes are a model's identity (tokenizers and README changes do not count).
+MODEL_WEIGHT_GLOBS = ("config.json", "*.safetensors", "*.bin", "*.gguf")
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _cached_file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per process by (path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hash_cache:
+        _hash_cache[key] = file_sha256(str(path))
+    return _hash_cache[key]
+
+
+def _files_sha256(folder: Path, globs: tuple[str, ...]) -> str:
+    files = sorted({f for pattern in globs for f in folder.glob(pattern) if f.is_file()})
+    lines = "\n".join(f"{f.name}\x00{_cached_file_sha256(f)}" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def adapter_sha256(checkpoint_dir: Path) -> str:
+    """Content hash of a checkpoint's adapter (weights and adapter config)."""
+    return _files_sha256(Path(checkpoint_dir), ("adapter_config.json", "adapter_model.*"))
+
+
+def model_identity(ref: str, models_dir: Path) -> dict[str, str]:
+    """A non-checkpoint model as the manifest records it: the resolved absolute
+    reference and a content hash (the GGUF's for an embedded model, config and weights
+    for a local folder; a hub id cannot be hashed offline and records `unhashed`)."""
+    if ref.startswith(EMBEDDED_PREFIX):
+        gguf = embedded_gguf_path(ref.removeprefix(EMBEDDED_PREFIX))
+        return {"kind": "model", "ref": ref, "sha256": _cached_file_sha256(gguf)}
+    path = Path(ref).expanduser()
+    if (path / "config.json").is_file():
+        return {
+            "kind": "model",
+            "ref": os.path.abspath(path),
+            "sha256": _files_sha256(path, MODEL_WEIGHT_GLOBS),
+        }
+    return {"kind": "model", "ref": ref, "sha256": "unhashed"}
+
+
+def model_ref_identity(ref: str, models_dir: Path) -> dict[str, str]:
+    """What a checkpoint was trained from (or sampled with): a checkpoint names its
+    round and adapter hash, anything else its `model_identity`."""
+    path = Path(ref).expanduser()
+    if is_checkpoint(path):
+        manifest = read_manifest(path)
+        return {
+            "kind": "checkpoint",
+            "ref": os.path.abspath(path),
+            "round": str(manifest.get("round", path.name)),
+            "adapter_sha256": manifest.get("adapter_sha256") or adapter_sha256(path),
+        }
+    return model_identity(ref, models_dir)
+
+
+def _identity_problem(recorded: dict, ref: str, what: str, name: str, models_dir: Path):
+    """Why `ref` is no longer the model `recorded` names (None: it still is)."""
+    path = Path(ref).expanduser()
+    if recorded.get("kind") == "checkpoint":
+        if not is_checkpoint(path):
+            round_ = recorded.get("round")
+            return f"{name} was trained with {what} {round_}, which has no checkpoint now"
+        now = read_manifest(path).get("adapter_sha256") or adapter_sha256(path)
+        if now != recorded.get("adapter_sha256"):
+            return (
+                f"{name} was trained with {what} {recorded.get('round')} adapter "
+                f"{str(recorded.get('adapter_sha256'))[:12]}, but {recorded.get('round')} is "
+                f"now {now[:12]} (re-materialized)"
+            )
+        return checkpoint_problem(path, models_dir)
+    if recorded.get("sha256") in (None, "unhashed"):
+        return None
+    try:
+        now = model_identity(ref, models_dir)["sha256"]
+    except SelfImproveError as error:
+        return f"{name} was trained from {ref}, which does not load now ({error.problem})"
+    if now != recorded["sha256"]:
+        return f"{name} was trained from {ref}, whose weights changed since"
+    return None
+
+
+def checkpoint_problem(checkpoint_dir: Path, models_dir: Path) -> str | None:
+    """None when a checkpoint's chain verifies: its adapter, the policy that sampled its
+    data and the model it was trained on (recursively, down to the base model) are
+    the ones its manifest recorded. Otherwise one line saying what changed.
+    Checkpoints written before identities were recorded are not verified."""
+    path = Path(checkpoint_dir)
+    manifest = read_manifest(path)
+    name = str(manifest.get("round", path.name))
+    recorded = manifest.get("adapter_sha256")
+    if not recorded:
+        return None
+    if adapter_sha256(path) != recorded:
+        return f"{name}'s adapter changed since it was trained (its hash is not the recorded one)"
+    parent = manifest.get("parent")
+    if parent:
+        problem = _identity_problem(parent, trained_from(path), "parent", name, models_dir)
+        if problem:
+            return problem
+    policy = manifest.get("policy_identity")
+    if policy and policy.get("kind") == "checkpoint":
+        policy_ref = _policy_ref(path, policy)
+        if os.path.abspath(policy_ref) != os.path.abspath(trained_from(path)):
+            return _identity_problem(policy, policy_ref, "the data of policy", name, models_dir)
+    return None
+
+
+def _policy_ref(checkpoint_dir: Path, policy: dict) -> str:
+    """Where the checkpoint that sampled a round's data is now: the recorded absolute
+    reference when it is another data dir's checkpoint that still exists (e.g. a
+    previous run's round used as the base model), else the sibling of that round in
+    this checkpoint's folder (so a moved data dir still verifies)."""
+    sibling = os.path.normpath(os.path.join(os.path.abspath(checkpoint_dir), "..", policy["round"]))
+    recorded = policy.get("ref")
+    if recorded and Path(recorded).parent != Path(sibling).parent and is_checkpoint(Path(recorded)):
+        return recorded
+    return sibling
+
+
+def verify_checkpoint(checkpoint_dir: Path, models_dir: Path) -> None:
+    """Refuse a checkpoint whose chain changed (see `checkpoint_problem`)."""
+    problem = checkpoint_problem(checkpoint_dir, models_dir)
+    if problem:
+        name = read_manifest(checkpoint_dir).get("round", Path(checkpoint_dir).name)
+        raise SelfImproveError(
+            f"Checkpoint {checkpoint_dir} is stale: {problem}",
+            f"materialize {name} again (and the rounds after it) so it trains on the current chain",
+        )
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -160,6 +310,7 @@ def load_model(ref: str, models_dir: Path):
     if is_checkpoint(path):
         from peft import PeftModel
 
+        verify_checkpoint(path, models_dir)
         base = load_model(trained_from(path), models_dir)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     folder = resolve_model_folder(ref, models_dir)
@@ -171,8 +322,6 @@ def load_model(ref: str, models_dir: Path):
 def checkpoint_chain_key(checkpoint_dir: Path, models_dir: Path) -> str:
     """A hash of a checkpoint's adapter weights and everything under it, down to the
     base model: equal keys mean equal merged weights."""
-    import hashlib
-
     parent = trained_from(checkpoint_dir)
     parent_path = Path(parent).expanduser()
     under = (
@@ -197,14 +346,13 @@ def merged_model_folder(ref: str, models_dir: Path, log=print) -> Path:
     path = Path(ref).expanduser()
     if not is_checkpoint(path):
         return Path(resolve_model_folder(ref, models_dir))
+    verify_checkpoint(path, models_dir)
     key = checkpoint_chain_key(path.resolve(), models_dir)[:16]
     folder = models_dir / "merged" / f"{path.name}-{key}"
     if (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file():
         return folder
     log(f"Merging checkpoint {path} into a full model folder at {folder} (once)")
-    import os
-
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}-{os.urandom(4).hex()}")
     shutil.rmtree(tmp, ignore_errors=True)
     load_model(ref, models_dir).save_pretrained(tmp)
     load_tokenizer(ref, models_dir).save_pretrained(tmp)  # the checkpoint's chat template

@@ -31,8 +31,14 @@ PANELS: dict[str, list[tuple[str, str]]] = {
         ("accuracy_after", "checkpoint (after)"),
     ],
     "pass@k": [("pass_at_k", "held-out pass@k")],
-    "Kept fraction": [("kept_fraction", "filtered / generated")],
-    "B-STaR balance score": [("balance_score", "balance score")],
+    "Kept fraction / RL reward": [
+        ("kept_fraction", "filtered / generated"),
+        ("rl_reward_mean", "RL reward (mean over steps)"),
+    ],
+    "Balance / RL signal": [
+        ("balance_score", "B-STaR balance score"),
+        ("rl_zero_std_fraction", "RL groups with no reward variance"),
+    ],
 }
 FIGURE_SIZE = (10.0, 6.5)  # inches; with DPI, about 1000 x 650 pixels
 DPI = 100

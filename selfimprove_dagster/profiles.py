@@ -46,6 +46,53 @@ GPU_STEP = {
 CLUSTER_GPU_ASSETS = ("checkpoint",)
 
 
+# The concurrency pool of every step that loads a model (generation, training,
+# evaluation): `pool=MODEL_POOL` on those assets, limit 1 in the instance, so two
+# engines never share one GPU (or two CPU cores) even across runs.
+MODEL_POOL = "model"
+
+# $DAGSTER_HOME/dagster.yaml of the local profile, written by `selfimprove` into the data
+# dir's dagster_home (tests/test_orphans.py validates it against Dagster's schema).
+LOCAL_INSTANCE_YAML = f"""\
+# Written by `selfimprove` (selfimprove_dagster/profiles.py, LOCAL_INSTANCE_YAML); it is
+# rewritten while this first line is unchanged. Delete that line to keep your own edits.
+telemetry:
+  enabled: false
+
+# Runs whose process died: the daemon fails runs stuck starting or canceling and frees
+# their pool slots; `selfimprove` (run, status, ui) marks STARTED runs whose process is
+# gone as failed, with the reason, before it does anything else.
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  poll_interval_seconds: 60
+  free_slots_after_run_end_seconds: 30
+
+concurrency:
+  pools:
+    default_limit: 1  # pool `{MODEL_POOL}`: one model-loading step at a time
+  runs:
+    max_concurrent_runs: 2  # a round and the promoted_policy/history refresh
+    tag_concurrency_limits:
+      # A second run of a round that is already running waits in the queue.
+      - key: dagster/partition
+        value: {{applyLimitPerUniqueValue: true}}
+        limit: 1
+      # A backfill over several rounds runs them one at a time, in round order.
+      - key: dagster/backfill
+        value: {{applyLimitPerUniqueValue: true}}
+        limit: 1
+
+# Declarative Automation: the default automation sensor materializes promoted_policy
+# and history when a round's eval_scores lands with its blocking checks passed.
+auto_materialize:
+  enabled: true
+  use_sensors: true
+"""
+MANAGED_MARKER = LOCAL_INSTANCE_YAML.splitlines()[0]
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -63,12 +110,13 @@ class Profile:
         self, resource: str, environ: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
         """This profile's defaults for `resource`, minus fields set in the environment
-        (`SELFIMPROVE_<FIELD>` always wins)."""
+        (`SELFIMPROVE_<FIELD>` and `SELFIMPROVE_<RESOURCE>_<FIELD>` always win)."""
         env = os.environ if environ is None else environ
         return {
             name: value
             for name, value in self.defaults.get(resource, {}).items()
             if not env.get(ENV_PREFIX + name.upper())
+            and not env.get(f"{ENV_PREFIX}{resource.upper()}_{name.upper()}")
         }
 
     def k8s_op_tags(self, asset_name: str) -> dict[str, Any]:
@@ -91,7 +139,8 @@ GPU = Profile(
     executor="in_process",
     defaults={
         "generator": {"engine": "vllm", "batch_size": 256},
-        "trainer": {"device": "cuda"},
+        # grpo/rloo rounds generate their rollouts with TRL's vLLM (colocate) on the GPU.
+        "trainer": {"device": "cuda", "rl_use_vllm": True},
     },
 )
 

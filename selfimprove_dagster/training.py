@@ -10,8 +10,10 @@ Two objectives, picked by the round's method (`methods.Recipe.objective`):
   switched off, i.e. the round's policy, as in Self-Rewarding.
 
 The adapter, the
-tokenizer and a manifest (what was trained on what, with which settings) are written
-to a temporary folder and renamed into place, so a failed run leaves no checkpoint.
+tokenizer and a manifest (what was trained on what, with which settings, and the
+content hashes that identify the adapter and its parent) are written to a unique
+temporary folder and published with one atomic swap (`publish_checkpoint`), so a
+failed or killed run leaves the previous checkpoint, never half of a new one.
 """
 
 from __future__ import annotations
@@ -21,13 +23,22 @@ import math
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.models import CHECKPOINT_MANIFEST, load_model, load_tokenizer
+from selfimprove_dagster.models import (
+    CHECKPOINT_MANIFEST,
+    adapter_sha256,
+    load_model,
+    load_tokenizer,
+    model_ref_identity,
+    resolved_model_ref,
+)
 from selfimprove_dagster.progress import LogFn, Progress
+from selfimprove_dagster.store.versions import publish_dir, staging_dir
 
 
 @dataclass(frozen=True)
@@ -44,8 +55,11 @@ class TrainParams:
     seed: int = 0  # data order and LoRA init
     beta: float = 0.1  # DPO only: strength of the pull towards the reference policy
     device: str = "cpu"  # "cpu" or "cuda" (the gpu and cluster profiles)
+    rl: Any = None  # grpo / rloo only: methods.grpo.RLParams (steps, group size, ...)
 
     def planned_steps(self, n_examples: int) -> int:
+        if self.rl is not None:  # online RL runs a fixed number of steps
+            return self.rl.steps
         return math.ceil(n_examples / self.batch_size) * self.epochs
 
 
@@ -69,7 +83,7 @@ def portable_ref(ref: str, out_dir: Path) -> str:
     return ref
 
 
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "grpo", "rloo")
 
 
 def sft_dataset(examples: list[dict[str, str]]):
@@ -159,6 +173,12 @@ def _build_trainer(objective: str, model, tokenizer, examples, params, output_di
         config = DPOConfig(**_trainer_args(params, output_dir), beta=params.beta)
         # ref_model=None + a LoRA config: the reference is the adapter-free policy.
         return DPOTrainer(model=model, args=config, train_dataset=dpo_dataset(examples), **common)
+    if objective in ("grpo", "rloo"):  # online RL: the trainer lives in methods.grpo
+        from selfimprove_dagster.methods.grpo import RLParams, build_rl_trainer
+
+        common = _trainer_args(params, output_dir)
+        rl = params.rl or RLParams()
+        return build_rl_trainer(objective, model, tokenizer, examples, rl, common, lora, callbacks)
     raise SelfImproveError(
         f"Unknown training objective `{objective}`", f"use one of: {', '.join(OBJECTIVES)}"
     )
@@ -188,6 +208,7 @@ def train_lora(
     models_dir: Path,
     manifest_extra: dict[str, Any] | None = None,
     log: LogFn | None = None,
+    after_train: Callable[[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA adapter with `objective` ("sft": dicts with `prompt`, `completion`;
     "dpo": dicts with `prompt`, `chosen`, `rejected`).
@@ -200,10 +221,10 @@ def train_lora(
             "Cannot train on an empty filtered set",
             "sample more (samples_per_prompt, temperature) or use more prompts",
         )
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    trained_from = resolved_model_ref(trained_from)  # `./my-model` means the same later
     tokenizer = load_tokenizer(trained_from, models_dir)
     model = load_model(trained_from, models_dir)
+    tmp = staging_dir(out_dir)  # unique per writer; removed if training fails
     planned = params.planned_steps(len(examples))
     started = time.monotonic()
     with Progress(f"train ({objective})", planned, log=log, unit="steps", log_every_s=15.0) as bar:
@@ -211,7 +232,13 @@ def train_lora(
         trainer = _build_trainer(
             objective, model, tokenizer, examples, params, tmp / "trainer", callbacks
         )
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    # A hook that reads what the trainer left (RL: its rollouts); its dict joins the manifest.
+    collected = after_train(trainer) if after_train is not None else {}
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     trainer.model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
@@ -219,6 +246,7 @@ def train_lora(
     manifest = {
         "objective": objective,
         "trained_from": portable_ref(trained_from, out_dir),
+        "parent": model_ref_identity(trained_from, models_dir),  # verified on load
         "train_examples": len(examples),
         "hyper_parameters": asdict(params),
         "planned_steps": planned,
@@ -228,8 +256,20 @@ def train_lora(
         "train_seconds": round(time.monotonic() - started, 2),
         "library_versions": library_versions(),
         **(manifest_extra or {}),
+        **collected,
     }
-    (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return manifest
+    return publish_checkpoint(tmp, out_dir, manifest)
+
+
+def publish_checkpoint(
+    tmp_dir: Path, out_dir: Path, manifest: dict[str, Any], run_id: str | None = None
+) -> dict[str, Any]:
+    """Publish a trained adapter folder `tmp_dir` (from `staging_dir(out_dir)`) as the
+    current checkpoint at `out_dir`: records the adapter's content hash in the manifest,
+    writes it, and swaps `out_dir` to the new folder in one atomic step. Every trainer
+    (SFT, DPO, GRPO) ends here. Returns the manifest as written."""
+    shutil.rmtree(tmp_dir / "trainer", ignore_errors=True)
+    manifest = {**manifest, "adapter_sha256": adapter_sha256(tmp_dir)}
+    (tmp_dir / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    version = publish_dir(tmp_dir, out_dir, run_id)
+    return {**manifest, "version": version.name.partition("@")[2]}

@@ -7,7 +7,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets import ROUND_ASSETS, ROUND_CHECKS
+from assets import POLICY_ASSETS, ROUND_ASSETS, ROUND_CHECKS
 from assets.rounds import critiques
 from resources import (
     EvolutionResource,
@@ -94,14 +94,16 @@ def test_two_rounds_materialize_every_asset(two_rounds):
 def test_round_metadata_records_policy_and_rates(two_rounds):
     store, results, _ = two_rounds
     generations = results[1].asset_materializations_for_node("generations")[0].metadata
-    assert generations["policy_checkpoint"].value == str(
-        store.checkpoint_dir("round_000").resolve()
-    )
+    assert generations["policy_checkpoint"].value == store.checkpoint_ref("round_000")
     assert generations["parent_round"].value == "round_000"
     assert generations["dagster/row_count"].value == 16  # 8 train prompts x 2 samples
     filtered = results[0].asset_materializations_for_node("filtered")[0].metadata
     assert filtered["dagster/row_count"].value == 4  # sample 0 of every other prompt
-    scores = results[1].asset_materializations_for_node("eval_scores")[0].metadata
+    scores = next(
+        m.metadata
+        for m in results[1].asset_materializations_for_node("eval_scores")
+        if m.asset_key == dg.AssetKey("eval_scores")
+    )
     assert scores["accuracy_after"].value == pytest.approx(0.5)  # the scripted engine's rate
     assert scores["accuracy_before"].value == pytest.approx(0.5)  # read from round_000
 
@@ -162,12 +164,14 @@ def test_empty_filtered_set_is_blocked_before_training(tiny_model, tmp_path):
 def test_critiques_asset_called_directly(two_rounds):
     store, _, _ = two_rounds
     context = dg.build_asset_context(partition_key="round_000")
-    result = critiques(
+    results = critiques(
         context=context,
         storage=StorageResource(data_dir=str(store.data_dir)),
         generator=GeneratorResource(),  # star's verifier needs no model: never loaded
         method=MethodResource(),
     )
+    (result,) = list(results)  # star writes no refinements: one table, one result
+    assert result.asset_key == dg.AssetKey("critiques")
     assert result.metadata["dagster/row_count"] == 16
     assert result.metadata["accept_rate"] == pytest.approx(0.25)
 
@@ -181,15 +185,13 @@ def test_every_gate_passes_on_a_clean_round(two_rounds):
         assert failed == []
 
 
-def test_eval_scores_carry_monitors_and_the_history_plot(two_rounds):
-    store, results, _ = two_rounds
-    metadata = results[1].asset_materializations_for_node("eval_scores")[0].metadata
-    assert metadata["history"].value.startswith("![")
-    assert "round_001" in metadata["history_table"].value
+def test_eval_scores_carry_monitors(two_rounds):
+    # The history plot and the promoted policy are assets of their own now
+    # (assets/policy.py, tests/test_policy_assets.py).
+    store, _, _ = two_rounds
     row = store.read("round_001", "eval_scores").row(0, named=True)
     assert row["selection_precision"] == 1.0  # the verifier keeps only correct samples
     assert row["train_solved_fraction"] == pytest.approx(0.5)
-    assert (store.data_dir / "plots" / "history.png").is_file()
 
 
 class ContaminatedTask(TaskResource):
@@ -300,8 +302,32 @@ def test_auto_temperature_measures_the_grid_and_sets_the_next_round(tiny_model, 
 
 
 def test_promoted_policy_record_points_at_the_best_round(two_rounds):
-    store, _, _ = two_rounds
+    store, _, instance = two_rounds
+    storage = StorageResource(data_dir=str(store.data_dir))
+    assert dg.materialize(POLICY_ASSETS, instance=instance, resources={"storage": storage}).success
     with duckdb.connect(str(store.catalog_path), read_only=True) as con:
         promoted = con.execute("SELECT round, checkpoint FROM promoted_policy").fetchall()
     # Both rounds score 50% (the scripted engine): a tie goes to the earliest round.
     assert promoted == [("round_000", str(store.checkpoint_dir("round_000")))]
+
+
+def test_every_table_is_an_asset_with_its_schema_view_location_and_data_version(two_rounds):
+    store, results, _ = two_rounds
+    events = {
+        m.asset_key.to_user_string(): m
+        for m in (e.materialization for e in results[1].get_asset_materialization_events())
+    }
+    for table in ("prompts", "prompt_mix", "generations", "critiques", "filtered"):
+        assert table in events, table
+    for table in ("checkpoints", "eval_scores", "eval_details"):
+        metadata = events[table].metadata
+        assert metadata["dagster/table_name"].value == table  # its DuckDB view
+        assert metadata["dagster/uri"].value == store.table_uri("round_001", table)
+        assert metadata["dagster/row_count"].value == store.read("round_001", table).height
+        columns = {c.name for c in metadata["dagster/column_schema"].schema.columns}
+        assert "round" in columns
+        assert events[table].tags["dagster/data_version"] == store.data_version("round_001", table)
+    checkpoint = events["checkpoint"]
+    manifest_row = store.read("round_001", "checkpoints").row(0, named=True)
+    assert checkpoint.tags["dagster/data_version"] == manifest_row["adapter_sha256"]
+    assert "refinements" not in events and "rollouts" not in events  # star writes neither

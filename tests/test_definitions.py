@@ -16,7 +16,12 @@ def test_definitions_load_with_six_round_assets_checks_and_job():
     assert job.partitions_def.name == "rounds"
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"prompts", "generations", "critiques", "filtered", "checkpoint", "eval_scores"}
+    steps = {"prompts", "generations", "critiques", "filtered", "checkpoint", "eval_scores"}
+    tables = {  # every Parquet table a step writes is an asset of its own
+        "prompt_mix", "prompt_candidates", "curriculum_measure", "refinements",
+        "checkpoints", "rollouts", "rl_steps", "eval_details",
+    }  # fmt: skip
+    assert keys - {"promoted_policy", "history"} == steps | tables
     assert {k.name for k in graph.asset_check_keys} >= {
         "check_min_rows_filtered",
         "check_unique_generation_id_filtered",

@@ -165,6 +165,8 @@ def test_round_monitors_is_one_flat_dict():
         "critic_precision",
         "critic_recall",
         "balance_score",
+        "rationalized_share",
+        "truncated_share",
     }
     assert all(isinstance(v, float) for v in found.values())
 

@@ -25,7 +25,9 @@ from tests.conftest import SHARED_DATA
 from tests.test_curriculum import BandSkillEngine
 from tests.test_synthesis import ScriptedSynthEngine
 
-PROMPTS_CHECKS = [c for c in ROUND_CHECKS if all(k.asset_key == prompts.key for k in c.check_keys)]
+PROMPTS_CHECKS = [
+    c for c in ROUND_CHECKS if all(k.asset_key == dg.AssetKey("prompts") for k in c.check_keys)
+]
 SEED_FILE = str(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
 
 # What the scripted policy writes when asked for new tasks (one per request, in order).
@@ -76,7 +78,11 @@ def _checks(result) -> dict[str, bool]:
 
 
 def _metadata(result) -> dict:
-    materialization = result.asset_materializations_for_node("prompts")[0]
+    materialization = next(
+        m
+        for m in result.asset_materializations_for_node("prompts")
+        if m.asset_key == dg.AssetKey("prompts")
+    )
     return {k: v.value for k, v in materialization.metadata.items()}
 
 

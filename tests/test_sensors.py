@@ -7,8 +7,11 @@ a model; the decision logic under test is the same. (No `from __future__ import
 annotations` here: Dagster validates the `context` type hints of decorated functions.)
 """
 
+import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -31,7 +34,12 @@ GATE = "check_no_regression_eval_scores"
 FAILING_ROUND = "round_009"  # the stand-in eval_scores step raises for this round
 
 
-@dg.asset(partitions_def=ROUNDS, name="eval_scores")
+@dg.asset(partitions_def=ROUNDS, name="checkpoint")
+def stand_in_checkpoint() -> dg.MaterializeResult:
+    return dg.MaterializeResult()
+
+
+@dg.asset(partitions_def=ROUNDS, name="eval_scores", deps=[stand_in_checkpoint])
 def stand_in_eval_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     if context.partition_key == FAILING_ROUND:
         raise ValueError("held-out set is empty")
@@ -46,8 +54,27 @@ def stand_in_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult
 
 
 stand_in_job = dg.define_asset_job(
-    "round_job", selection=[stand_in_eval_scores], partitions_def=ROUNDS
+    "round_job", selection=[stand_in_checkpoint, stand_in_eval_scores], partitions_def=ROUNDS
 )
+
+
+@dataclass(frozen=True)
+class StubStore(RoundStore):
+    """The round store with its checkpoint-chain verdicts set by the test (the real
+    `chain_problem` hashes adapters; there are none here)."""
+
+    broken: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def chain_problem(self, round_: str) -> str | None:
+        return self.broken.get(round_)
+
+
+STORES: dict[str, StubStore] = {}
+
+
+class StubStorageResource(StorageResource):
+    def store(self) -> RoundStore:
+        return STORES[self.data_dir]
 
 
 @pytest.fixture
@@ -65,12 +92,14 @@ def persistent_instance() -> Iterator[dg.DagsterInstance]:
 
 @pytest.fixture
 def store(tmp_path) -> RoundStore:
-    return RoundStore(tmp_path / "var")
+    stub = StubStore(tmp_path / "var")
+    STORES[str(stub.data_dir)] = stub
+    return stub
 
 
 def resources(store: RoundStore, **rules: object) -> dict[str, dg.ConfigurableResource]:
     return {
-        "storage": StorageResource(data_dir=str(store.data_dir)),
+        "storage": StubStorageResource(data_dir=str(store.data_dir)),
         "evolution": EvolutionResource(**rules),
     }
 
@@ -78,7 +107,7 @@ def resources(store: RoundStore, **rules: object) -> dict[str, dg.ConfigurableRe
 def definitions(store: RoundStore, **rules: object) -> dg.Definitions:
     """The stand-in code location: the sensors' job, gate and resources resolve in it."""
     return dg.Definitions(
-        assets=[stand_in_eval_scores],
+        assets=[stand_in_checkpoint, stand_in_eval_scores],
         asset_checks=[stand_in_gate],
         jobs=[stand_in_job],
         sensors=[next_round_sensor, round_failure_sensor],
@@ -272,6 +301,74 @@ def test_a_partition_added_by_hand_is_run_without_adding_it_again(instance, stor
     assert isinstance(result, dg.SensorResult)
     assert result.dynamic_partitions_requests == []
     assert [r.partition_key for r in result.run_requests] == ["round_001"]
+
+
+# --- "done" is what Dagster recorded (issue 12.4) ---------------------------------------
+
+
+def test_an_eval_scores_file_without_a_recorded_materialization_is_not_done(instance, store):
+    # Planted: round_000's row is on disk, but Dagster never recorded the round.
+    store.write("round_000", "eval_scores", pl.DataFrame([{"round": "round_000"}]))
+    result = tick(instance, store)
+    assert [r.partition_key for r in result.run_requests] == ["round_000"]
+
+
+def test_a_run_that_died_after_writing_eval_scores_is_not_done(instance, store):
+    complete_round(instance, store, "round_000", 0.1, 0.5)
+    instance.add_dynamic_partitions(ROUNDS.name, ["round_001"])
+    # Planted: the file was written, then the process died before Dagster recorded it.
+    store.write("round_001", "eval_scores", pl.DataFrame([{"round": "round_001"}]))
+    start_run(instance, store, "round_001", dg.DagsterRunStatus.FAILURE)
+    result = tick(instance, store)
+    assert result.skip_message.startswith("round_001 did not complete (no eval_scores)")
+
+
+def test_a_round_whose_upstream_was_rematerialized_is_stale(instance, store):
+    complete_round(instance, store, "round_000", 0.1, 0.5)
+    # Planted: round_000's checkpoint re-materialized after its eval_scores.
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key="checkpoint", partition="round_000")
+    )
+    result = tick(instance, store)
+    assert result.skip_message == (
+        "round_000 is stale: checkpoint was re-materialized after its eval_scores; "
+        "re-run round_000 (`selfimprove run` or the UI)"
+    )
+
+
+def test_refuses_to_build_on_a_broken_checkpoint_chain(instance, store):
+    complete_round(instance, store, "round_000", 0.1, 0.5)
+    store.broken["round_000"] = "the parent of round_000 changed since it was trained"
+    result = tick(instance, store)
+    assert result.skip_message == (
+        "not building on round_000: the parent of round_000 changed since it was trained"
+    )
+
+
+def test_the_record_reads_a_real_run(instance, store):
+    from assets.sensors import DagsterRecord, RoundGraph
+
+    instance.add_dynamic_partitions(ROUNDS.name, ["round_000", "round_001"])
+    assert run_round(instance, store, "round_000").success
+    assert not run_round(instance, store, "round_001").success  # its gate fails
+    graph = RoundGraph.of(definitions(store).get_repository_def())
+    assert graph.upstream == [dg.AssetKey("checkpoint")]
+    record = DagsterRecord(instance, graph)
+    assert record.completed_rounds() == ["round_000"]
+    assert record.round("round_001").problem() == f"a blocking gate failed in round_001: {GATE}"
+
+
+def test_sensors_and_the_cli_use_public_dagster_apis_only():
+    """Issue 15.4: no `dagster._` import (private modules change without notice)."""
+    repo = Path(__file__).resolve().parents[1]
+    files = [
+        repo / "assets" / "sensors.py",
+        repo / "assets" / "policy.py",
+        repo / "selfimprove_dagster" / "cli.py",
+    ]
+    private = re.compile(r"^\s*(from|import)\s+dagster\._|dagster\._[a-z]", re.MULTILINE)
+    offenders = [str(f.relative_to(repo)) for f in files if private.search(f.read_text())]
+    assert offenders == []
 
 
 def test_sensor_and_schedule_are_off_by_default():

@@ -68,7 +68,15 @@ def test_filter_of_all_wrong_round_is_empty_but_typed():
         generated, star.critique_generations(generated, _prompts()), max_per_prompt=2
     )
     assert kept.height == 0
-    assert kept.columns == ["round", "generation_id", "prompt_id", "prompt", "completion", "source"]
+    assert kept.columns == [
+        "round",
+        "generation_id",
+        "prompt_id",
+        "prompt",
+        "completion",
+        "source",
+        "hint_used",
+    ]
 
 
 def test_content_hash_ignores_row_order():
@@ -77,3 +85,47 @@ def test_content_hash_ignores_row_order():
         generated, star.critique_generations(generated, _prompts()), max_per_prompt=2
     )
     assert star.filtered_content_hash(kept) == star.filtered_content_hash(kept.reverse())
+
+
+def test_critique_judges_each_row_by_its_verifier_in_order():
+    """Numeric, multiple-choice and code prompts in one round: each generation is judged
+    by its prompt's verifier, rows keep the generation order, critiques read well."""
+    import json
+
+    prompts = pl.DataFrame(
+        {
+            "prompt_id": ["n", "m", "c"],
+            "prompt": ["What is 2 + 2?", "Where are books lent?\nA. bank\nB. library", "Write f."],
+            "answer": ["4", "B", "def f(): return 1"],
+            "split": ["train"] * 3,
+            "verifier": ["numeric", "multiple_choice", "code"],
+            "choices": [None, json.dumps({"A": "bank", "B": "library"}), None],
+            "tests": [None, None, ["assert f() == 1"]],
+            "test_setup": [None, None, ""],
+            "entry_point": [None, None, None],
+        }
+    )
+    completions = [
+        ("c", "def f():\n    return 2"),
+        ("n", "2 + 2 = 4"),
+        ("m", "Answer: A"),
+        ("c", "```python\ndef f():\n    return 1\n```"),
+        ("m", "library"),
+    ]
+    generations = pl.DataFrame(
+        {
+            "round": ["round_000"] * 5,
+            "generation_id": [f"g{i}" for i in range(5)],
+            "prompt_id": [p for p, _ in completions],
+            "sample_index": [0, 0, 0, 1, 1],
+            "prompt": ["x"] * 5,
+            "completion": [c for _, c in completions],
+        }
+    )
+    critiques = star.critique_generations(generations, prompts)
+    assert critiques["generation_id"].to_list() == [f"g{i}" for i in range(5)]
+    assert critiques["verdict"].to_list() == ["reject", "accept", "reject", "accept", "accept"]
+    assert critiques["extracted_answer"].to_list()[1:3] == ["4", "A"]
+    assert critiques["critique"][0].startswith("the code fails: test_failed: test 1")
+    assert critiques["critique"][3] == "the code passes all tests"
+    assert critiques["critique"][2] == "answer A does not match the reference B"

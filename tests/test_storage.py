@@ -1,4 +1,5 @@
-"""Round keys, the previous-round policy lookup, atomic writes and the DuckDB catalog."""
+"""Round keys, the previous-round policy lookup, versioned writes and the DuckDB catalog
+(tests/test_versions.py covers version sets and gc, tests/test_crash_safety.py kills)."""
 
 from __future__ import annotations
 
@@ -40,15 +41,19 @@ def test_round_n_uses_previous_checkpoint(tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "manifest.json").write_text("{}")
     (ckpt / "adapter_config.json").write_text("{}")
-    assert store.policy_for("round_001", "base") == (str(ckpt.resolve()), "round_000")
+    assert store.policy_for("round_001", "base") == (str(ckpt.absolute()), "round_000")
 
 
-def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
+def test_writes_are_versions_and_leave_no_temporary_files(tmp_path):
     store = RoundStore(tmp_path)
-    path = store.write("round_000", "filtered", pl.DataFrame({"a": [1]}))
-    store.write("round_000", "filtered", pl.DataFrame({"a": [2]}))
-    assert pl.read_parquet(path)["a"].to_list() == [2]
-    assert [p.name for p in path.parent.iterdir()] == ["filtered.parquet"]
+    first = store.write("round_000", "filtered", pl.DataFrame({"a": [1]}))
+    second = store.write("round_000", "filtered", pl.DataFrame({"a": [2]}))
+    assert store.read("round_000", "filtered")["a"].to_list() == [2]
+    assert pl.read_parquet(first)["a"].to_list() == [1]  # the old version stays (until gc)
+    step_dir = second.parent.parent  # rounds/round_000/filtered/<version>/filtered.parquet
+    assert step_dir == tmp_path / "rounds" / "round_000" / "filtered"
+    names = sorted(p.name for p in step_dir.iterdir())
+    assert names == sorted([first.parent.name, second.parent.name, "current.json"])
 
 
 def test_reading_a_missing_table_names_the_step_to_run(tmp_path):
@@ -68,13 +73,15 @@ def test_catalog_views_span_rounds(tmp_path):
     assert "generations" in views and "filtered" not in views  # no files, no view
 
 
-def test_catalog_picks_up_new_rounds_without_refresh(tmp_path):
+def test_catalog_reads_only_current_versions(tmp_path):
     store = RoundStore(tmp_path)
-    store.write("round_000", "filtered", pl.DataFrame({"round": ["round_000"]}))
+    store.write("round_000", "filtered", pl.DataFrame({"round": ["round_000"], "v": [1]}))
+    store.write("round_000", "filtered", pl.DataFrame({"round": ["round_000"], "v": [2]}))
+    store.write("round_001", "filtered", pl.DataFrame({"round": ["round_001"], "v": [1]}))
     store.refresh_catalog()
-    store.write("round_001", "filtered", pl.DataFrame({"round": ["round_001"]}))
     with duckdb.connect(str(store.catalog_path), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM filtered").fetchone() == (2,)
+        rows = con.execute("SELECT round, v FROM filtered ORDER BY round").fetchall()
+    assert rows == [("round_000", 2), ("round_001", 1)]
 
 
 def test_catalog_in_use_elsewhere_does_not_fail_the_round(tmp_path):

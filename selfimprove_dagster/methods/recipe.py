@@ -6,6 +6,10 @@
     self_refine                   = star+self_refine                       (Re-ReST / SELF)
     star+self_refine              rejected answers refined from feedback, refined
     self_consistency+self_refine    answers that pass join the SFT set (source=refined)
+    self_verify                   the policy's own likelihood picks one sample, SFT
+                                  (SFT-sharpening, no labels)
+    grpo, rloo                    online RL (TRL) in `checkpoint`, reward = the verifier;
+                                  rollouts -> table `rollouts` (see methods/grpo.py)
 
 Every recipe fills `critiques` (one row per generation, plus one per refined answer,
 each naming its critic and giving a score and critique text) and `filtered` (SFT rows,
@@ -24,22 +28,31 @@ import polars as pl
 from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import content_hash
-from selfimprove_dagster.methods import consistency, judge, refine, star
+from selfimprove_dagster.methods import consistency, grpo, judge, refine, self_verify, star
 from selfimprove_dagster.progress import LogFn
 
-CRITICS = ("star", "self_consistency", "self_judge")
+CRITICS = ("star", "self_consistency", "self_judge", "self_verify")
+ONLINE = grpo.ALGORITHMS  # online RL: the critic is the verifier, the trainer samples
 REFINE = "self_refine"
-METHODS = (*CRITICS, REFINE, "star+self_refine", "self_consistency+self_refine")
+METHODS = (*CRITICS, *ONLINE, REFINE, "star+self_refine", "self_consistency+self_refine")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    critic: str  # star | self_consistency | self_judge: who decides what is kept
+    critic: str  # star | self_consistency | self_judge | self_verify | grpo | rloo
     refine: bool = False  # Self-Refine on top: rejected answers get feedback and a retry
 
     @property
+    def online(self) -> bool:
+        """Online RL (grpo, rloo): `checkpoint` samples and trains; rollouts are data."""
+        return self.critic in ONLINE
+
+    @property
     def objective(self) -> str:
-        """The training objective: preference pairs train with DPO, the rest with SFT."""
+        """The training objective: preference pairs train with DPO, RL methods with
+        their own trainer (grpo / rloo), the rest with SFT."""
+        if self.online:
+            return self.critic
         return "dpo" if self.critic == "self_judge" else "sft"
 
     @property
@@ -52,16 +65,17 @@ def parse_method(text: str) -> Recipe:
     parts = [p.strip() for p in text.strip().lower().split("+") if p.strip()]
     refine_on = REFINE in parts
     critics = [p for p in parts if p != REFINE]
-    unknown = [p for p in critics if p not in CRITICS]
+    unknown = [p for p in critics if p not in (*CRITICS, *ONLINE)]
     if unknown or len(critics) > 1 or not parts:
         raise SelfImproveError(
             f"Unknown method `{text}`",
             f"use one of: {', '.join(METHODS)} (SELFIMPROVE_METHOD)",
         )
     recipe = Recipe(critics[0] if critics else "star", refine_on)
-    if recipe.refine and recipe.critic == "self_judge":
+    if recipe.refine and recipe.critic not in ("star", "self_consistency"):
         raise SelfImproveError(
-            "self_refine does not compose with self_judge (the judge's pairs need no retry)",
+            f"self_refine does not compose with {recipe.critic} (only with a critic whose "
+            "verdict a refined answer can pass)",
             "use star+self_refine or self_consistency+self_refine",
         )
     return recipe
@@ -81,6 +95,12 @@ class MethodSettings:
     refine_max: int = 200  # self-refine: rejected samples refined per round
     refine_probe: int = 50  # self-refine: accepted samples refined to count breakage
     critique_max_new_tokens: int = 48  # self-refine with self feedback: critique budget
+    rl_prompt_filter: str = "signal_first"  # grpo/rloo: which train prompts (grpo.py)
+    rl_prompts: int = 32  # grpo/rloo: prompts trained on (= steps x prompts per step)
+    seed: int = 0  # grpo/rloo: order of the prompts trained on
+    rationalize: bool = False  # star: STaR rationalization of unsolved prompts (rationalize.py)
+    rationalize_samples: int = 2  # star: hinted samples per unsolved prompt
+    rationalize_max: int = 200  # star: unsolved prompts rationalized per round
 
 
 @dataclass
@@ -98,16 +118,27 @@ def critique_round(
     settings: MethodSettings,
     log: LogFn | None = None,
 ) -> RoundCritiques:
-    """Run the recipe's critic over the round's generations, then Self-Refine if on.
+    """Run the recipe's critic over the round's generations, then Self-Refine if on,
+    then STaR rationalization if on (star only: `settings.rationalize`).
 
     `load_policy` builds the round's policy engine; it is called only when the recipe
     needs the model (judge, refinement), and the engine is closed afterwards.
     """
-    engine = load_policy() if recipe.critic == "self_judge" or recipe.refine else None
+    rationalizing = settings.rationalize and recipe.critic == "star"
+    needs_model = recipe.critic in ("self_judge", "self_verify") or recipe.refine or rationalizing
+    engine = load_policy() if needs_model else None
     try:
         critiques = _first_critique(recipe, generations, prompts, engine, sampling, settings, log)
+
+        def finish(done: RoundCritiques) -> RoundCritiques:
+            if not rationalizing:
+                return done
+            return _with_rationalization(
+                done, engine, generations, prompts, sampling, settings, log
+            )
+
         if not recipe.refine:
-            return RoundCritiques(critiques, None)
+            return finish(RoundCritiques(critiques, None))
         selected = refine.select_for_refinement(
             generations, critiques, settings.refine_max, settings.refine_probe
         )
@@ -124,15 +155,37 @@ def critique_round(
         refined = refine.critique_refinements(
             refinements, _labels(recipe, critiques, prompts), _references(prompts)
         )
-        return RoundCritiques(pl.concat([critiques, refined], how="diagonal_relaxed"), refinements)
+        return finish(
+            RoundCritiques(pl.concat([critiques, refined], how="diagonal_relaxed"), refinements)
+        )
     finally:
         if engine is not None:
             engine.close()
 
 
+def _with_rationalization(
+    done: RoundCritiques, engine, generations, prompts, sampling, settings, log
+) -> RoundCritiques:
+    """STaR rationalization after the verifier: hinted rationales for unsolved train
+    prompts, their critiques appended, the accepted ones trainable (`refinements` rows
+    with source=rationalized; see methods/rationalize.py)."""
+    from selfimprove_dagster.methods import rationalize
+
+    round_ = generations["round"][0] if generations.height else ""
+    unsolved = rationalize.unsolved_prompts(prompts, done.critiques, settings.rationalize_max)
+    rationales, critiques = rationalize.rationalize(
+        engine, unsolved, round_, sampling, settings.rationalize_samples, log=log
+    )
+    all_critiques = pl.concat([done.critiques, critiques], how="diagonal_relaxed")
+    side = [f for f in (done.refinements, rationales) if f is not None]
+    return RoundCritiques(all_critiques, pl.concat(side, how="diagonal_relaxed"))
+
+
 def _first_critique(recipe, generations, prompts, engine, sampling, settings, log):
-    if recipe.critic == "star":
+    if recipe.critic == "star" or recipe.online:  # RL: the verifier is the reward
         return star.critique_generations(generations, prompts)
+    if recipe.critic == "self_verify":
+        return self_verify.critique_by_likelihood(engine, generations, prompts, log=log)
     if recipe.critic == "self_consistency":
         return consistency.critique_by_majority(generations, prompts, settings.vote_threshold)
     judge_sampling = Sampling(
@@ -185,6 +238,10 @@ def select_training_set(
     """The round's `filtered` table: accepted answers (SFT) or preference pairs (DPO)."""
     if recipe.objective == "dpo":
         return judge.preference_pairs(generations, critiques, settings.judge_margin)
+    if recipe.online:
+        return grpo.select_rl_prompts(
+            generations, critiques, settings.rl_prompts, settings.rl_prompt_filter, settings.seed
+        )
     return star.filter_accepted(generations, critiques, max_per_prompt, refinements)
 
 
@@ -194,11 +251,16 @@ def training_examples(recipe: Recipe, filtered: pl.DataFrame) -> list[dict[str, 
         return filtered.select(
             "prompt", chosen=pl.col("completion"), rejected=pl.col("rejected_completion")
         ).to_dicts()
+    if recipe.online:
+        return grpo.training_examples(filtered)
     return star.training_examples(filtered)
 
 
 def filtered_content_hash(filtered: pl.DataFrame) -> str:
-    """What the checkpoint was trained on (a DPO pair's loser counts too)."""
+    """What the checkpoint was trained on (a DPO pair's loser counts too; an RL round
+    trains on prompts and their reference answers)."""
+    if "reward_mean" in filtered.columns:  # grpo.select_rl_prompts
+        return content_hash(filtered.select("prompt_id", "prompt", "answer").to_dicts())
     if "rejected_completion" not in filtered.columns:
         return star.filtered_content_hash(filtered)
     columns = ["generation_id", "prompt", "completion", "rejected_completion"]
@@ -221,6 +283,9 @@ METRIC_COLUMNS = (
     "probed",
     "broken",
     "broken_rate",
+    "self_verify_pick_accuracy",
+    "self_verify_sample_accuracy",
+    "self_verify_oracle",
 )
 
 
@@ -234,6 +299,8 @@ def method_metrics(
         metrics |= consistency.pseudo_label_quality(critiques)
     if recipe.critic == "self_judge":
         metrics |= judge.judge_quality(critiques, filtered)
+    if recipe.critic == "self_verify":
+        metrics |= self_verify.pick_quality(critiques)
     if recipe.refine:
         metrics |= refine.refinement_stats(critiques)
     return {"method": recipe.name, **metrics}

@@ -2,6 +2,11 @@
 
     prompts ─ sample k per train prompt ─> generations ─ verifier ─> critiques
             ─ keep accepted, dedupe, cap per prompt ─> filtered ─ LoRA SFT ─> checkpoint
+                         (rationalization: unsolved prompts ─ hint ─> rationalized rows)
+
+The verifier is chosen per prompt row (`verifiers.dispatch`: numeric, multiple_choice,
+math, code, custom). Numeric and multiple-choice rows are judged by vectorized Polars
+expressions; code rows run in the sandbox in parallel.
 
 Each function takes and returns plain frames, so it is tested without Dagster or a
 model; the assets in `assets/rounds.py` call them in that order.
@@ -14,7 +19,11 @@ import polars as pl
 from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
 from selfimprove_dagster.ids import content_hash, generation_id
 from selfimprove_dagster.progress import LogFn
-from selfimprove_dagster.verifiers.numeric import Verdict, verify
+from selfimprove_dagster.verifiers.dispatch import verify_rows
+from selfimprove_dagster.verifiers.verdict import Verdict
+
+# Prompt columns a verifier may read (`sources.tasks.VERIFIER_COLUMNS`).
+VERIFIER_COLUMNS = ("verifier", "choices", "tests", "test_setup", "entry_point")
 
 
 def train_prompts(prompts: pl.DataFrame) -> pl.DataFrame:
@@ -78,36 +87,163 @@ def critique_generations(generations: pl.DataFrame, prompts: pl.DataFrame) -> pl
 
     Rows: round, generation_id, prompt_id, critic, verdict (accept/reject), correct,
     extracted_answer, reference_answer, reason, score, critique (the verdict in words).
+
+    Rows are grouped by verifier: numeric and multiple-choice groups are judged as
+    whole frames (`verify_frame`, Polars expressions), the others through
+    `verifiers.dispatch.verify_rows` (the code sandbox runs in parallel).
     """
-    answers = dict(zip(prompts["prompt_id"], prompts["answer"], strict=True))
-    rows = []
-    for g in generations.iter_rows(named=True):
-        reference = answers[g["prompt_id"]]
-        verdict = verify(g["completion"], reference)
-        rows.append(
-            {
-                "round": g["round"],
-                "generation_id": g["generation_id"],
-                "prompt_id": g["prompt_id"],
-                "critic": "verifier",
-                "verdict": "accept" if verdict.correct else "reject",
-                "correct": verdict.correct,
-                "extracted_answer": verdict.extracted,
-                "reference_answer": reference,
-                "reason": verdict.reason,
-                "score": 1.0 if verdict.correct else 0.0,
-                "critique": verifier_message(verdict, reference),
-            }
+    rows = judge_rows(generations, prompts).with_row_index("_order")
+    kinds = rows.get_column("verifier").fill_null("numeric") if "verifier" in rows.columns else None
+    groups = (
+        [("numeric", rows)]
+        if kinds is None
+        else list(
+            rows.with_columns(_kind=kinds)
+            .partition_by("_kind", as_dict=True, include_key=False)
+            .items()
         )
-    return pl.DataFrame(
-        rows, schema_overrides={"extracted_answer": pl.String, "reference_answer": pl.String}
+    )
+    judged = [
+        _judge_group(name[0] if isinstance(name, tuple) else name, part) for name, part in groups
+    ]
+    out = (
+        pl.concat(judged, how="vertical_relaxed").sort("_order") if judged else _judged_empty(rows)
+    )
+    return _critique_columns(out)
+
+
+def judge_rows(generations: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
+    """Each generation with what its verifier reads: completion, answer and the prompt's
+    verifier columns (in generation order)."""
+    extra = [c for c in VERIFIER_COLUMNS if c in prompts.columns]
+    answers = prompts.select("prompt_id", "answer", *extra).unique("prompt_id", keep="first")
+    return generations.select("round", "generation_id", "prompt_id", "completion").join(
+        answers, on="prompt_id", how="left", maintain_order="left"
     )
 
 
-def verifier_message(verdict: Verdict, reference: object) -> str:
+def _judge_group(name: str, part: pl.DataFrame) -> pl.DataFrame:
+    """`part` with extracted, correct, reason and `_code` (the verdict is a program's)."""
+    keep = ["_order", "round", "generation_id", "prompt_id", "answer"]
+    if name == "numeric":
+        from selfimprove_dagster.verifiers.numeric import verify_frame
+
+        judged = verify_frame(part.select(*keep, "completion"))
+    elif name == "multiple_choice":
+        import json
+
+        from selfimprove_dagster.verifiers.multiple_choice import (
+            choice_map,
+            reference_label,
+            verify_frame,
+        )
+
+        choices = [choice_map(json.loads(c) if isinstance(c, str) else c) for c in part["choices"]]
+        labels = [reference_label(a, c) for a, c in zip(part["answer"], choices, strict=True)]
+        judged = verify_frame(
+            part.select(*keep, "completion").with_columns(
+                answer=pl.Series(labels, dtype=pl.String)
+            ),
+            choices,
+        )
+    else:
+        verdicts = verify_rows(part["completion"].to_list(), part.drop("completion").to_dicts())
+        judged = part.select(*keep).with_columns(
+            extracted=pl.Series([_short_extracted(v) for v in verdicts], dtype=pl.String),
+            correct=pl.Series([v.correct for v in verdicts], dtype=pl.Boolean),
+            reason=pl.Series([v.reason for v in verdicts], dtype=pl.String),
+        )
+    return judged.select(*keep, "extracted", "correct", "reason").with_columns(
+        _code=pl.lit(name == "code")
+    )
+
+
+def _judged_empty(rows: pl.DataFrame) -> pl.DataFrame:
+    return rows.select("_order", "round", "generation_id", "prompt_id", "answer").with_columns(
+        extracted=pl.lit(None, pl.String),
+        correct=pl.lit(None, pl.Boolean),
+        reason=pl.lit(None, pl.String),
+        _code=pl.lit(False),
+    )
+
+
+def _critique_columns(judged: pl.DataFrame) -> pl.DataFrame:
+    """Critique rows from judged rows; the critique text is built with expressions
+    (the same words as `verifier_message`)."""
+    reference = pl.col("answer").cast(pl.String)
+    relation = (
+        pl.when(pl.col("correct")).then(pl.lit("matches")).otherwise(pl.lit("does not match"))
+    )
+    message = (
+        pl.when(pl.col("_code") & pl.col("correct"))
+        .then(pl.lit("the code passes all tests"))
+        .when(pl.col("_code"))
+        .then(pl.format("the code fails: {}", pl.col("reason")))
+        .when(pl.col("extracted").is_null())
+        .then(pl.format("no final answer found; reference {}", reference))
+        .otherwise(
+            pl.format("answer {} {} the reference {}", pl.col("extracted"), relation, reference)
+        )
+    )
+    return judged.select(
+        "round",
+        "generation_id",
+        "prompt_id",
+        critic=pl.lit("verifier"),
+        verdict=pl.when(pl.col("correct")).then(pl.lit("accept")).otherwise(pl.lit("reject")),
+        correct=pl.col("correct"),
+        extracted_answer=pl.col("extracted").cast(pl.String),
+        reference_answer=reference,
+        reason=pl.col("reason"),
+        score=pl.col("correct").cast(pl.Float64),
+        critique=message,
+    )
+
+
+def critiques_frame(
+    rows: pl.DataFrame, verdicts: list[Verdict], critic: str = "verifier"
+) -> pl.DataFrame:
+    """Critique rows from judged rows (round, generation_id, prompt_id, answer) and
+    their verdicts (one per row)."""
+    correct = [v.correct for v in verdicts]
+    references = rows["answer"].to_list()
+    return pl.DataFrame(
+        {
+            "round": rows["round"],
+            "generation_id": rows["generation_id"],
+            "prompt_id": rows["prompt_id"],
+            "critic": [critic] * rows.height,
+            "verdict": ["accept" if c else "reject" for c in correct],
+            "correct": correct,
+            "extracted_answer": [_short_extracted(v) for v in verdicts],
+            "reference_answer": references,
+            "reason": [v.reason for v in verdicts],
+            "score": [1.0 if c else 0.0 for c in correct],
+            "critique": [verifier_message(v, r) for v, r in zip(verdicts, references, strict=True)],
+        },
+        schema_overrides={
+            "extracted_answer": pl.String,
+            "reference_answer": pl.String,
+            "correct": pl.Boolean,
+            "score": pl.Float64,
+        },
+    )
+
+
+def _short_extracted(verdict: Verdict) -> str | None:
+    # A code verdict's extracted answer is the whole program: keep the row readable.
+    text = verdict.extracted
+    return text if text is None or len(text) <= 2000 else text[:2000] + "..."
+
+
+def verifier_message(verdict: Verdict, reference: object, code: bool = False) -> str:
     """The verifier's verdict in words (what a person reading the critique row sees)."""
+    if code:
+        return (
+            "the code passes all tests" if verdict.correct else f"the code fails: {verdict.reason}"
+        )
     if verdict.extracted is None:
-        return f"no final number found; reference {reference}"
+        return f"no final answer found; reference {reference}"
     relation = "matches" if verdict.correct else "does not match"
     return f"answer {verdict.extracted} {relation} the reference {reference}"
 
@@ -126,23 +262,41 @@ def filter_accepted(
     trained on the original prompt) and then the lowest sample index wins, so the
     choice is deterministic.
 
-    Rows: round, generation_id, prompt_id, prompt, completion, source (generated/refined).
+    Rationalized answers (STaR: written with the reference answer as a hint, trained
+    on the prompt without it) come in through `refinements` rows whose `source` is
+    "rationalized"; they only exist for prompts without an accepted sample.
+
+    Rows: round, generation_id, prompt_id, prompt, completion, source
+    (generated/refined/rationalized), hint_used (the hint a rationalized row was
+    written with; null otherwise).
     """
     columns = ["round", "generation_id", "prompt_id", "sample_index", "prompt", "completion"]
-    candidates = [generations.select(columns).with_columns(source=pl.lit("generated"))]
+    candidates = [
+        generations.select(columns).with_columns(
+            source=pl.lit("generated"), hint_used=pl.lit(None, dtype=pl.String)
+        )
+    ]
     if refinements is not None and refinements.height:
-        candidates.append(refinements.select(columns).with_columns(source=pl.lit("refined")))
+        source = pl.col("source") if "source" in refinements.columns else pl.lit("refined")
+        hint = (
+            pl.col("hint_used") if "hint_used" in refinements.columns else pl.lit(None, pl.String)
+        )
+        candidates.append(
+            refinements.select(*columns, source=source, hint_used=hint.cast(pl.String))
+        )
     accepted = pl.concat(candidates).join(
         critiques.filter(pl.col("verdict") == "accept").select("generation_id"),
         on="generation_id",
         how="semi",
     )
     return (
-        accepted.sort("prompt_id", pl.col("source") == "refined", "sample_index")
+        accepted.sort("prompt_id", pl.col("source") != "generated", "sample_index")
         .with_columns(_normalized=pl.col("completion").str.strip_chars().str.to_lowercase())
         .unique(subset=["prompt_id", "_normalized"], keep="first", maintain_order=True)
         .filter(pl.int_range(pl.len()).over("prompt_id") < max_per_prompt)
-        .select("round", "generation_id", "prompt_id", "prompt", "completion", "source")
+        .select(
+            "round", "generation_id", "prompt_id", "prompt", "completion", "source", "hint_used"
+        )
     )
 
 

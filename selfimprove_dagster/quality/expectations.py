@@ -24,6 +24,7 @@ from typing import Any
 import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.store.schemas import required_columns
 
 # Offending values or rows reported per failed expectation.
 MAX_EXAMPLES = 5
@@ -53,6 +54,8 @@ class SuiteResult:
 
 
 # --- suites: one builder per table, each returns a list of GE expectations -------------
+# The columns each suite expects to exist are `store.schemas.required_columns(table)`,
+# the same declaration the Dagster assets show as their column schema.
 
 
 def _exist(gxe: Any, *columns: str) -> list:
@@ -69,7 +72,7 @@ def prompts_suite(**bounds: Any) -> list:
 
     max_prompt_chars = bounds.get("max_prompt_chars", 4000)
     return [
-        *_exist(gxe, "round", "prompt_id", "prompt", "answer", "split", "task"),
+        *_exist(gxe, *required_columns("prompts")),
         *_not_null(gxe, "prompt_id", "prompt"),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "eval"]),
         gxe.ExpectColumnValueLengthsToBeBetween(
@@ -86,16 +89,7 @@ def generations_suite(**bounds: Any) -> list:
     # Engines may count the end-of-sequence token as one more generated token.
     max_tokens = None if max_new_tokens is None else int(max_new_tokens) + 1
     return [
-        *_exist(
-            gxe,
-            "generation_id",
-            "prompt_id",
-            "prompt",
-            "completion",
-            "completion_tokens",
-            "finish_reason",
-            "temperature",
-        ),
+        *_exist(gxe, *required_columns("generations")),
         *_not_null(gxe, "generation_id", "prompt_id", "prompt", "completion"),
         gxe.ExpectColumnValuesToBeBetween(
             column="completion_tokens", min_value=0, max_value=max_tokens
@@ -111,7 +105,7 @@ def critiques_suite(**bounds: Any) -> list:
     import great_expectations.expectations as gxe
 
     return [
-        *_exist(gxe, "generation_id", "critic", "verdict", "score"),
+        *_exist(gxe, *required_columns("critiques")),
         *_not_null(gxe, "generation_id", "critic"),
         gxe.ExpectColumnValuesToBeInSet(column="verdict", value_set=["accept", "reject"]),
         gxe.ExpectColumnValuesToBeBetween(column="score", min_value=0, max_value=1),
@@ -124,11 +118,13 @@ def filtered_suite(**bounds: Any) -> list:
     import great_expectations.expectations as gxe
 
     return [
-        *_exist(gxe, "generation_id", "prompt_id", "prompt", "completion", "source"),
+        *_exist(gxe, *required_columns("filtered")),
         *_not_null(gxe, "generation_id", "prompt_id", "prompt", "completion"),
         gxe.ExpectColumnValueLengthsToBeBetween(column="completion", min_value=1),
         gxe.ExpectColumnValuesToBeUnique(column="generation_id"),
-        gxe.ExpectColumnValuesToBeInSet(column="source", value_set=["generated", "refined"]),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="source", value_set=["generated", "refined", "rationalized", "rl_prompt"]
+        ),
     ]
 
 
@@ -137,7 +133,7 @@ def eval_details_suite(**bounds: Any) -> list:
     import great_expectations.expectations as gxe
 
     return [
-        *_exist(gxe, "prompt_id", "greedy_correct", "pass_at_k"),
+        *_exist(gxe, *required_columns("eval_details")),
         *_not_null(gxe, "prompt_id", "greedy_correct"),
         gxe.ExpectColumnValuesToBeUnique(column="prompt_id"),
         # Nulls (prompts not sampled for pass@k) are skipped by GE's column-map expectations.

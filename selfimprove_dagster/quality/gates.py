@@ -78,9 +78,40 @@ MAX_LISTED = 10
 
 def normalize_prompt(text: str) -> str:
     """Comparable form of a prompt: Unicode-normalized, lowercase, whitespace collapsed,
-    trailing punctuation and spaces stripped ("What is 23 + 45?" -> "what is 23 + 45")."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    return " ".join(text.split()).rstrip(string.punctuation + " ")
+    trailing punctuation and spaces stripped ("What is 23 + 45?" -> "what is 23 + 45").
+
+    A multiple-choice prompt's option lines ("A. bank", "(B) mall") lose their labels
+    and are sorted, so the same question with its choices shuffled is the same prompt.
+    """
+    text = _canonical_choices(unicodedata.normalize("NFKC", text))
+    return " ".join(text.lower().split()).rstrip(string.punctuation + " ")
+
+
+# An option line of a multiple-choice prompt: "A. text", "B) text", "(C) text".
+_CHOICE_LINE_RE = re.compile(r"^\s*\(?[A-J][.)]\)?\s+(.+?)\s*$")
+
+
+def _canonical_choices(text: str) -> str:
+    lines = text.splitlines()
+    options = [m.group(1) for line in lines if (m := _CHOICE_LINE_RE.match(line))]
+    if len(options) < 2:
+        return text
+    stem = [line for line in lines if not _CHOICE_LINE_RE.match(line)]
+    return "\n".join([*stem, *sorted(o.lower() for o in options)])
+
+
+def contamination_matches(
+    train_texts: list[str], eval_texts: list[str], near_duplicate_threshold: float = 0.9
+) -> dict[str, tuple[str, str, float]]:
+    """Train text -> (eval text, "exact" or "near", similarity) for every train prompt
+    that repeats an eval prompt by `gate_no_contamination`'s test (loaders use it to
+    drop such rows up front)."""
+    index = _eval_index(eval_texts)
+    return {
+        text: found
+        for text in dict.fromkeys(train_texts)
+        if (found := _eval_match(text, index, near_duplicate_threshold)) is not None
+    }
 
 
 def gate_no_contamination(
@@ -102,12 +133,11 @@ def gate_no_contamination(
     prompts in the same group are compared, after a vectorized upper bound on the ratio
     (~0.03 s for 400 x 200 prompts without numbers, which all share one group).
     """
-    index = _eval_index(eval_prompts["prompt"].to_list())
-    matches = {
-        text: found
-        for text in train_rows["prompt"].drop_nulls().unique(maintain_order=True).to_list()
-        if (found := _eval_match(text, index, near_duplicate_threshold)) is not None
-    }
+    matches = contamination_matches(
+        train_rows["prompt"].drop_nulls().unique(maintain_order=True).to_list(),
+        eval_prompts["prompt"].to_list(),
+        near_duplicate_threshold,
+    )
     hits = train_rows.filter(pl.col("prompt").is_in(list(matches)))
     listed = [
         {"prompt": text, "eval_prompt": eval_text, "match": kind, "similarity": round(ratio, 3)}
@@ -121,7 +151,9 @@ def gate_no_contamination(
         else f"{hits.height} rows ({len(matches)} distinct prompts) repeat held-out eval prompts, "
         f"e.g. {listed[0]['prompt']!r} ~ {listed[0]['eval_prompt']!r}: training on them would "
         "inflate the held-out score. Fix: drop them from the train split (make the task's "
-        "train and eval splits disjoint) and rematerialize the round"
+        "train and eval splits disjoint, or set SELFIMPROVE_DROP_CONTAMINATED=true to drop "
+        "them at load time, each recorded with the eval prompt it matched) and rematerialize "
+        "the round"
     )
     return GateResult(
         passed, hits.height, 0, message, {"contaminated_prompts": listed} if listed else {}
@@ -261,3 +293,27 @@ def gate_critic_readable(critiques: pl.DataFrame, max_unscored: float) -> GateRe
         "judge_samples or judge_max_new_tokens, or use a stronger policy as the judge"
     )
     return GateResult(passed, share, max_unscored, message, {"unscored": unscored})
+
+
+def gate_truncation(generations: pl.DataFrame, max_share: float) -> GateResult:
+    """WARN signal: the share of samples cut off by the token limit (finish_reason
+    "length"). A short word problem asked at 16 new tokens mostly stops before its
+    answer: the round then learns nothing and accuracy stays at its base."""
+    rows = generations.height
+    cut = int((generations["finish_reason"] == "length").sum()) if rows else 0
+    share = cut / rows if rows else 0.0
+    budget = (
+        generations["max_new_tokens"].max() if "max_new_tokens" in generations.columns else None
+    )
+    passed = share <= max_share
+    message = (
+        f"{cut} of {rows} samples stopped at the token limit ({share:.0%}, at most {max_share:.0%})"
+        if passed
+        else f"{cut} of {rows} samples ({share:.0%}) stopped at the token limit of {budget} new "
+        "tokens, most before writing an answer: the verifier rejects them and the round learns "
+        "little. Fix: raise SELFIMPROVE_MAX_NEW_TOKENS (GeneratorResource.max_new_tokens; "
+        "answer_format=rationale defaults to 256), or ask for shorter answers"
+    )
+    return GateResult(
+        passed, share, max_share, message, {"truncated": cut, "max_new_tokens": budget}
+    )

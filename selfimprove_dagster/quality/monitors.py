@@ -137,7 +137,24 @@ def round_monitors(
         **exploration(generations, critiques, k),
         **exploitation(critiques, filtered),
         "balance_score": balance_score(critiques, filtered, target),
+        **data_sources(generations, filtered),
     }
+
+
+def data_sources(generations: pl.DataFrame, filtered: pl.DataFrame) -> dict[str, float | None]:
+    """Where the training rows came from and how many samples ran out of tokens:
+
+    - rationalized_share: filtered rows written with the answer as a hint (STaR
+      rationalization); None when the set is empty or has no `source`.
+    - truncated_share: samples that stopped at the token limit (finish_reason length).
+    """
+    rationalized = None
+    if filtered.height and "source" in filtered.columns:
+        rationalized = float((filtered["source"] == "rationalized").mean())
+    truncated = None
+    if generations.height and "finish_reason" in generations.columns:
+        truncated = float((generations["finish_reason"] == "length").mean())
+    return {"rationalized_share": rationalized, "truncated_share": truncated}
 
 
 def exploration_dropped(
@@ -194,3 +211,97 @@ def _precision_recall(truth: pl.DataFrame, chosen: str) -> tuple[float | None, f
     precision = hits / n_chosen if n_chosen else None
     recall = hits / n_correct if n_correct else None
     return precision, recall
+
+
+# --- online RL health (grpo / rloo rounds; figures from table `rl_steps`) -----------
+
+RL_MAX_REWARD_DROP = 0.5  # WARN when the reward's last quarter is < half its first quarter
+RL_MIN_ENTROPY_RATIO = 0.5  # WARN when token entropy fell below half its first quarter
+RL_MAX_LENGTH_GROWTH = 2.0  # WARN when rollouts grew past twice their first-quarter length
+RL_MAX_TRUNCATED = 0.5  # ... or more than half the rollouts hit the length limit
+
+
+def _rl_health(steps: pl.DataFrame | None) -> dict[str, Any]:
+    from selfimprove_dagster.methods.grpo import health_summary
+
+    return health_summary(steps, None)
+
+
+def _not_rl(name: str) -> GateResult:
+    return GateResult(True, None, None, f"not an online RL round: no {name} to watch")
+
+
+def rl_reward_collapsed(
+    steps: pl.DataFrame | None, max_drop: float = RL_MAX_REWARD_DROP
+) -> GateResult:
+    """WARN signal: the mean reward of the last quarter of the RL steps fell by more
+    than `max_drop` (a fraction) of the first quarter's (the policy is unlearning, or
+    the reward is being gamed into failure)."""
+    health = _rl_health(steps)
+    first, last = health["rl_reward_first"], health["rl_reward_last"]
+    if first is None or last is None:
+        return _not_rl("reward")
+    floor = first * (1.0 - max_drop)
+    passed = not first or last >= floor
+    message = (
+        f"reward held: {first:.3f} -> {last:.3f} (floor {floor:.3f})"
+        if passed
+        else f"Reward collapsed: {first:.3f} -> {last:.3f} over the round's RL steps. Fix: "
+        "lower rl_learning_rate, raise rl_beta (KL to the start policy), or start from the "
+        "promoted policy"
+    )
+    return GateResult(passed, last, floor, message, {"first": first})
+
+
+def rl_entropy_collapsed(
+    steps: pl.DataFrame | None, min_ratio: float = RL_MIN_ENTROPY_RATIO
+) -> GateResult:
+    """WARN signal: the rollouts' token entropy fell below `min_ratio` of its first
+    quarter (the policy stops exploring: later groups will have no reward variance)."""
+    health = _rl_health(steps)
+    first, last = health["rl_entropy_first"], health["rl_entropy_last"]
+    if first is None or last is None:
+        return _not_rl("entropy")
+    floor = first * min_ratio
+    passed = last >= floor
+    message = (
+        f"entropy held: {first:.3f} -> {last:.3f} (floor {floor:.3f})"
+        if passed
+        else f"Entropy collapsed: {first:.3f} -> {last:.3f}. Fix: raise rl_temperature, "
+        "lower rl_learning_rate, or raise rl_beta"
+    )
+    return GateResult(passed, last, floor, message, {"first": first})
+
+
+def rl_length_blew_up(
+    steps: pl.DataFrame | None,
+    max_growth: float = RL_MAX_LENGTH_GROWTH,
+    max_truncated: float = RL_MAX_TRUNCATED,
+) -> GateResult:
+    """WARN signal: rollouts grew past `max_growth` times their first-quarter length,
+    or more than `max_truncated` of them hit the length limit."""
+    health = _rl_health(steps)
+    first, last = health["rl_length_first"], health["rl_length_last"]
+    truncated = health["rl_truncated_fraction"]
+    if first is None or last is None:
+        return _not_rl("completion length")
+    ceiling = first * max_growth
+    problems = []
+    if last > ceiling:
+        problems.append(f"mean length {first:.1f} -> {last:.1f} tokens (> {max_growth:g}x)")
+    if truncated is not None and truncated > max_truncated:
+        problems.append(f"{truncated:.0%} of rollouts hit the length limit")
+    message = (
+        f"length held: {first:.1f} -> {last:.1f} tokens, truncated {truncated or 0:.0%}"
+        if not problems
+        else f"Length blow-up: {'; '.join(problems)}. Fix: add a format reward "
+        "(rl_format_reward_weight), lower rl_learning_rate, or raise rl_max_completion_length "
+        "if answers need the room"
+    )
+    return GateResult(
+        not problems,
+        {"length": last, "truncated": truncated},
+        {"length": ceiling, "truncated": max_truncated},
+        message,
+        {"first_length": first},
+    )

@@ -56,7 +56,15 @@ PROMPT_SCHEMA: dict[str, pl.DataType] = {
     "origin_round": pl.String(),  # round the prompt was written in (synthesized)
     "seed_ids": pl.List(pl.String()),  # seed tasks it was written from
     "parent_prompt_ids": pl.List(pl.String()),  # earlier synthesized prompts it saw
+    # What the row's verifier reads (sources.tasks.VERIFIER_COLUMNS); null: numeric.
+    "verifier": pl.String(),
+    "choices": pl.String(),  # multiple choice: JSON object label -> text
+    "tests": pl.List(pl.String()),  # code: test statements
+    "test_setup": pl.String(),  # code: run before the tests
+    "entry_point": pl.String(),  # code: the function the tests call
 }
+
+_VERIFIER_COLUMNS = ("verifier", "choices", "tests", "test_setup", "entry_point")
 
 CANDIDATES_TABLE = "prompt_candidates"
 MIX_TABLE = "prompt_mix"
@@ -234,6 +242,7 @@ def problem_rows(
             "origin_round": [None] * n,
             "seed_ids": [[] for _ in range(n)],
             "parent_prompt_ids": [[] for _ in range(n)],
+            **{c: [None] * n for c in _VERIFIER_COLUMNS},
         },
         schema=PROMPT_SCHEMA,
     )
@@ -252,7 +261,7 @@ def _task(plan: PromptPlan, n: int, store: RoundStore, round_: str):
     rows = list(zip(table["prompt"], table["answer"], table["split"], strict=True))
     name = table["task"][0] if table.height else plan.task
     frame = problem_rows(round_, rows, task=name, source="task", answer_source="generator")
-    return frame, _split_counts(frame)
+    return _with_verifier_columns(frame, table), _split_counts(frame)
 
 
 def _dataset(plan: PromptPlan, n: int, store: RoundStore, round_: str):
@@ -270,7 +279,13 @@ def _dataset(plan: PromptPlan, n: int, store: RoundStore, round_: str):
     frame = problem_rows(
         round_, rows, task=table["task"][0], source="dataset", answer_source="dataset"
     )
-    return frame, _split_counts(frame)
+    return _with_verifier_columns(frame, table), _split_counts(frame)
+
+
+def _with_verifier_columns(frame: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
+    """The problem table's verifier columns on its rows (same order) in `frame`."""
+    present = [c for c in _VERIFIER_COLUMNS if c in table.columns]
+    return frame.with_columns(table.select(present)) if present else frame
 
 
 def _curriculum(
@@ -428,6 +443,7 @@ def _self_instruct(plan, n, store, round_, eval_rows, load_policy, log):
             "origin_round": [round_] * n_kept,
             "seed_ids": kept["seed_ids"],
             "parent_prompt_ids": kept["parent_prompt_ids"],
+            **{c: [None] * n_kept for c in _VERIFIER_COLUMNS},
         },
         schema=PROMPT_SCHEMA,
     )

@@ -5,9 +5,14 @@ Every source yields a *problem table*, a polars DataFrame with the columns of
 
 - `prompt_id`: stable hash of the prompt (`ids.prompt_id`), the lineage join key
 - `prompt`:    the question given to the model
-- `answer`:    canonical numeric string (`verify.normalize_number`)
+- `answer`:    the reference answer as its verifier reads it (numeric: canonical number
+               string; multiple choice: the label; math: LaTeX; code: the reference code)
 - `split`:     "train" (the model practises on it) or "eval" (held out, scored only)
 - `task`:      the task name, or the dataset file's stem
+- `verifier`:  which verifier judges answers to it (numeric, multiple_choice, math, code,
+               or module:function; `verifiers.dispatch`)
+- `choices`, `tests`, `test_setup`, `entry_point`: what the multiple-choice and code
+               verifiers need (null elsewhere; `sources.datasets` reads every shape)
 
 Train and eval never share a prompt (compared lowercased and whitespace-collapsed),
 so held-out accuracy is not inflated by training on the test questions.
@@ -16,6 +21,7 @@ so held-out accuracy is not inflated by training on the test questions.
     make_task("addition_digits", n_train=200, n_eval=200, seed=0, difficulty=3)
     load_dataset_file("my_problems.jsonl", n_train=None, n_eval=100, seed=0)
     load_gsm8k("../shared/data/gsm8k/test.jsonl")
+    load_dataset_file("mine.jsonl", 100, 50, 0, drop_contaminated=True)  # drop near-copies
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
-from selfimprove_dagster.verifiers.numeric import normalize_number
+from selfimprove_dagster.sources.datasets import parse_record
 
 PROBLEM_SCHEMA: dict[str, pl.DataType] = {
     "prompt_id": pl.String(),
@@ -40,7 +46,14 @@ PROBLEM_SCHEMA: dict[str, pl.DataType] = {
     "answer": pl.String(),
     "split": pl.String(),
     "task": pl.String(),
+    "verifier": pl.String(),
+    "choices": pl.String(),  # JSON object label -> text (multiple choice)
+    "tests": pl.List(pl.String()),  # code: test statements
+    "test_setup": pl.String(),  # code: run before the tests
+    "entry_point": pl.String(),  # code: the function the tests call
 }
+# The columns a verifier may read besides `answer` (carried by the round's prompts).
+VERIFIER_COLUMNS = ("verifier", "choices", "tests", "test_setup", "entry_point")
 
 # Appended to built-in prompts: the small model then tends to reply with a bare number.
 ANSWER_INSTRUCTION = " Answer with just the number."
@@ -216,11 +229,9 @@ def make_task(
             f"{wanted} were requested (n_train={n_train}, n_eval={n_eval})",
             "ask for fewer problems (smaller n_train / n_eval)",
         )
-    drawn = list(problems.values())
+    drawn = [_simple(p, a) for p, a in problems.values()]
     eval_, train = drawn[:n_eval], drawn[n_eval:]
-    return _problem_table(
-        [(p, a, "train") for p, a in train] + [(p, a, "eval") for p, a in eval_], task=name
-    )
+    return _problem_table(train, eval_, task=name)
 
 
 # --- dataset files -----------------------------------------------------------------
@@ -234,39 +245,92 @@ def load_dataset_file(
     eval_fraction: float = 0.5,
     *,
     task: str | None = None,
+    verifier: str | None = None,
+    drop_contaminated: bool = False,
+    contamination_threshold: float = 0.9,
+    dropped: list[dict] | None = None,
 ) -> pl.DataFrame:
     """A problem table from a user's `.jsonl` or `.parquet` file.
 
-    Columns: `prompt` and `answer` (a number, or a string holding one), or GSM8K's
-    `question` and `answer` ending in "#### N". A `split` column (train / eval, or
-    test / validation for eval) is used as is, in file order; without one the rows
-    are shuffled with `seed` and `eval_fraction` of them become eval. Duplicate
-    prompts are dropped (the first wins; a prompt in both splits stays in eval only),
-    then the first `n_train` / `n_eval` of each split are kept (None keeps all).
-    `task` names the rows (default: the file's stem).
+    Any record shape of `sources.datasets` (plain prompt + numeric answer, GSM8K,
+    multiple choice, MATH, MBPP, HumanEval); `verifier` is the default verifier of rows
+    without a `verifier` column. A `split` column (train / eval, or test / validation
+    for eval) is used as is, in file order; without one the rows are shuffled with
+    `seed` and `eval_fraction` of them become eval. Duplicate prompts are dropped (the
+    first wins; a prompt in both splits stays in eval only), then the first `n_train` /
+    `n_eval` of each split are kept (None keeps all). `task` names the rows (default:
+    the file's stem).
+
+    `drop_contaminated`: train rows that near-duplicate an eval row (the test of the
+    `check_no_contamination_prompts` gate, at `contamination_threshold`) are dropped
+    here instead of blocking the round; each is appended to `dropped` (when given) with
+    the eval prompt it matched, so the caller can record them.
     """
     path = Path(path)
     _check_optional_count("n_train", n_train)
     _check_optional_count("n_eval", n_eval)
+    if path.is_dir():  # a folder of split files: train.jsonl + dev/test/validation.jsonl
+        train_file, eval_file = _split_files(path)
+        return load_split_files(
+            train_file,
+            eval_file,
+            n_train,
+            n_eval,
+            seed,
+            task=task or path.name,
+            verifier=verifier,
+            drop_contaminated=drop_contaminated,
+            contamination_threshold=contamination_threshold,
+            dropped=dropped,
+        )
     if not 0.0 <= eval_fraction <= 1.0:
         raise SelfImproveError(
             f"eval_fraction={eval_fraction} is outside 0..1", "pass a fraction such as 0.5"
         )
     records = _read_records(path)
-    prompt_column = _prompt_column(path, records)
-    rows = [_parse_record(path, i, r, prompt_column) for i, r in enumerate(records, start=1)]
+    rows = [parse_record(r, f"row {i} of {path}", verifier) for i, r in enumerate(records, start=1)]
     if "split" in _columns(records):
         train, eval_ = _split_by_column(path, records, rows)
     else:
         train, eval_ = _split_by_fraction(_dedupe(rows), seed, eval_fraction)
-    train, eval_ = _dedupe(train), _dedupe(eval_)
-    eval_keys = {_prompt_key(p) for p, _ in eval_}
-    train = [(p, a) for p, a in train if _prompt_key(p) not in eval_keys]
-    train = _take(path, "n_train", "train", train, n_train)
-    eval_ = _take(path, "n_eval", "eval", eval_, n_eval)
-    return _problem_table(
-        [(p, a, "train") for p, a in train] + [(p, a, "eval") for p, a in eval_],
-        task=task or path.stem,
+    return _finish(
+        path,
+        train,
+        eval_,
+        (n_train, n_eval),
+        task or path.stem,
+        (drop_contaminated, contamination_threshold, dropped),
+    )
+
+
+def load_split_files(
+    train_path: str | Path,
+    eval_path: str | Path,
+    n_train: int | None,
+    n_eval: int | None,
+    seed: int,
+    *,
+    task: str,
+    verifier: str | None = None,
+    drop_contaminated: bool = False,
+    contamination_threshold: float = 0.9,
+    dropped: list[dict] | None = None,
+) -> pl.DataFrame:
+    """A problem table from a train file and an eval file (CommonsenseQA, MBPP): each
+    is shuffled with `seed`, then the first `n_train` / `n_eval` are kept."""
+    parts = []
+    for path in (Path(train_path), Path(eval_path)):
+        records = _read_records(path)
+        rows = [parse_record(r, f"row {i} of {path}", verifier) for i, r in enumerate(records, 1)]
+        random.Random(seed).shuffle(rows)
+        parts.append(rows)
+    return _finish(
+        Path(eval_path),
+        parts[0],
+        parts[1],
+        (n_train, n_eval),
+        task,
+        (drop_contaminated, contamination_threshold, dropped),
     )
 
 
@@ -280,6 +344,29 @@ def load_gsm8k(
 
 
 # --- helpers -------------------------------------------------------------------------
+
+
+def _finish(path, train, eval_, counts, task, contamination):
+    """Dedupe, keep eval out of train, take the counts, drop contaminated train rows."""
+    (n_train, n_eval), (drop_contaminated, threshold, dropped_out) = counts, contamination
+    train, eval_ = _dedupe(train), _dedupe(eval_)
+    eval_keys = {_prompt_key(r["prompt"]) for r in eval_}
+    train = [r for r in train if _prompt_key(r["prompt"]) not in eval_keys]
+    eval_ = _take(path, "n_eval", "eval", eval_, n_eval)
+    if drop_contaminated:
+        from selfimprove_dagster.quality.gates import contamination_matches
+
+        matches = contamination_matches(
+            [r["prompt"] for r in train], [r["prompt"] for r in eval_], threshold
+        )
+        if dropped_out is not None:
+            dropped_out.extend(
+                {"prompt": text, "eval_prompt": e, "match": kind, "similarity": round(ratio, 3)}
+                for text, (e, kind, ratio) in matches.items()
+            )
+        train = [r for r in train if r["prompt"] not in matches]
+    train = _take(path, "n_train", "train", train, n_train)
+    return _problem_table(train, eval_, task=task)
 
 
 def problem_key(prompt: str, answer: str) -> object:
@@ -296,17 +383,40 @@ def _prompt_key(prompt: str) -> str:
     return " ".join(prompt.lower().split())
 
 
-def _problem_table(rows: list[tuple[str, str, str]], task: str) -> pl.DataFrame:
+def _simple(prompt: str, answer: str) -> dict:
+    return {"prompt": prompt, "answer": answer, "verifier": "numeric"}
+
+
+def _problem_table(train: list[dict], eval_: list[dict], task: str) -> pl.DataFrame:
+    rows = [{**r, "split": "train"} for r in train] + [{**r, "split": "eval"} for r in eval_]
     return pl.DataFrame(
         {
-            "prompt_id": [prompt_id(p) for p, _, _ in rows],
-            "prompt": [p for p, _, _ in rows],
-            "answer": [a for _, a, _ in rows],
-            "split": [s for _, _, s in rows],
+            "prompt_id": [prompt_id(r["prompt"]) for r in rows],
+            "prompt": [r["prompt"] for r in rows],
+            "answer": [r["answer"] for r in rows],
+            "split": [r["split"] for r in rows],
             "task": [task] * len(rows),
+            **{c: [r.get(c) for r in rows] for c in VERIFIER_COLUMNS},
         },
         schema=PROBLEM_SCHEMA,
     )
+
+
+# File names of a dataset folder's splits, in order of preference.
+TRAIN_FILES = ("train.jsonl", "train.parquet")
+EVAL_FILES = ("dev.jsonl", "test.jsonl", "validation.jsonl", "eval.jsonl", "test.parquet")
+
+
+def _split_files(folder: Path) -> tuple[Path, Path]:
+    train = next((folder / n for n in TRAIN_FILES if (folder / n).is_file()), None)
+    eval_ = next((folder / n for n in EVAL_FILES if (folder / n).is_file()), None)
+    if train is None or eval_ is None:
+        raise SelfImproveError(
+            f"dataset folder {folder} needs a train file ({', '.join(TRAIN_FILES)}) and an "
+            f"eval file ({', '.join(EVAL_FILES)})",
+            "point dataset_path at one file, or add the missing split file",
+        )
+    return train, eval_
 
 
 def _check_count(name: str, value: int) -> None:
@@ -367,56 +477,9 @@ def _columns(records: Iterable[dict]) -> set[str]:
     return {key for record in records for key in record}
 
 
-def _prompt_column(path: Path, records: list[dict]) -> str:
-    """ "prompt" for the plain format, "question" for GSM8K; else a missing-column error."""
-    found = _columns(records)
-    if {"prompt", "answer"} <= found:
-        return "prompt"
-    if {"question", "answer"} <= found:
-        return "question"
-    # Report what is missing from the format the file seems closest to.
-    closest = ("question", "answer") if "question" in found else ("prompt", "answer")
-    missing = [c for c in closest if c not in found]
-    raise SelfImproveError(
-        f"dataset file {path} is missing column(s) {_names(missing)} "
-        f"(found {_names(sorted(found))}); expected `prompt` and `answer`, "
-        "or GSM8K's `question` and `answer` with '#### N'",
-        "rename the columns or add the missing ones",
-    )
-
-
-def _names(columns: Iterable[str]) -> str:
-    return ", ".join(f"`{c}`" for c in columns) or "none"
-
-
-def _parse_record(path: Path, row: int, record: dict, prompt_column: str) -> tuple[str, str]:
-    prompt = record.get(prompt_column)
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise SelfImproveError(
-            f"row {row} of {path} has no `{prompt_column}` text (got {prompt!r})",
-            f"give every row a non-empty `{prompt_column}` string",
-        )
-    answer = _parse_answer(record.get("answer"))
-    if answer is None:
-        raise SelfImproveError(
-            f"row {row} of {path} has an answer that is not a number: {record.get('answer')!r}",
-            "make `answer` a number (e.g. 42, '1,234', '3.5') or end it with '#### N'",
-        )
-    return prompt.strip(), answer
-
-
-def _parse_answer(value: object) -> str | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return normalize_number(value)
-    if not isinstance(value, str):
-        return None
-    # GSM8K solutions put the final number after "####"; the reasoning before it is ignored.
-    return normalize_number(value.rsplit("####", 1)[-1])
-
-
 def _split_by_column(
-    path: Path, records: list[dict], rows: list[tuple[str, str]]
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    path: Path, records: list[dict], rows: list[dict]
+) -> tuple[list[dict], list[dict]]:
     train, eval_ = [], []
     for row, (record, problem) in enumerate(zip(records, rows, strict=True), start=1):
         label = str(record.get("split", "")).strip().lower()
@@ -430,24 +493,22 @@ def _split_by_column(
 
 
 def _split_by_fraction(
-    rows: list[tuple[str, str]], seed: int, eval_fraction: float
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    rows: list[dict], seed: int, eval_fraction: float
+) -> tuple[list[dict], list[dict]]:
     shuffled = list(rows)
     random.Random(seed).shuffle(shuffled)
     n_eval = round(len(shuffled) * eval_fraction)
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
-def _dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    seen: dict[str, tuple[str, str]] = {}
-    for prompt, answer in rows:
-        seen.setdefault(_prompt_key(prompt), (prompt, answer))
+def _dedupe(rows: list[dict]) -> list[dict]:
+    seen: dict[str, dict] = {}
+    for row in rows:
+        seen.setdefault(_prompt_key(row["prompt"]), row)
     return list(seen.values())
 
 
-def _take(
-    path: Path, knob: str, split: str, rows: list[tuple[str, str]], n: int | None
-) -> list[tuple[str, str]]:
+def _take(path: Path, knob: str, split: str, rows: list[dict], n: int | None) -> list[dict]:
     if n is None:
         return rows
     if n > len(rows):

@@ -71,6 +71,10 @@ def generation_lineage(store: RoundStore, generation_id: str) -> dict[str, Any]:
         )
         sampled_id = refinement[0]["parent_generation_id"] if refinement else generation_id
         generation = _rows(con, "SELECT * FROM generations WHERE generation_id = ?", sampled_id)
+        if not generation and "rollouts" in _views(con):  # an online RL round's rollout
+            rollout = _rows(con, "SELECT * FROM rollouts WHERE generation_id = ?", generation_id)
+            if rollout:
+                return _rollout_lineage(con, rollout[0])
         if not generation:
             raise SelfImproveError(
                 f"No generation `{generation_id}` in the catalog",
@@ -93,6 +97,26 @@ def generation_lineage(store: RoundStore, generation_id: str) -> dict[str, Any]:
         "critiques": critiques,
         "trained_into": kept[0] if kept else None,
         "descendant_rounds": descendants,
+    }
+
+
+def _views(con) -> set[str]:
+    return {row[0] for row in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+
+
+def _rollout_lineage(con, rollout: dict[str, Any]) -> dict[str, Any]:
+    """A grpo/rloo rollout: it is its own critique (reward, advantage) and was trained
+    on directly, in its optimizer step, by its round's checkpoint."""
+    checkpoint = _rows(
+        con, "SELECT round, path AS checkpoint FROM checkpoints WHERE round = ?", rollout["round"]
+    )
+    trained = checkpoint[0] if checkpoint else None
+    return {
+        "generation": rollout,
+        "refinement": None,
+        "critiques": [rollout],
+        "trained_into": trained,
+        "descendant_rounds": _descendant_rounds(con, trained["checkpoint"]) if trained else [],
     }
 
 

@@ -1,12 +1,18 @@
-"""Where a round's artifacts live, written atomically, and the DuckDB catalog over them.
+"""Where a round's artifacts live, published as versions, and the DuckDB catalog over them.
 
 Layout under the data dir (default `./var`):
 
-    rounds/<round>/<asset>.parquet     one file per asset and round
-    checkpoints/<round>/               LoRA adapter + tokenizer + manifest.json
+    rounds/<round>/<step>/<version>/<table>.parquet   one folder per materialization
+    rounds/<round>/<step>/current.json                the current version of that step
+    checkpoints/<round> -> <round>@<version>/         LoRA adapter + tokenizer + manifest
     models/                            converted embedded models (keyed by GGUF sha256)
-    catalog.duckdb                     views over all rounds: generations, critiques, ...
+    catalog.duckdb                     views over the current version of every round
     dagster_home/                      the persistent Dagster instance (UI + CLI)
+
+A step (one Dagster op) writes all its tables as one version (`STEP_TABLES`): a table
+the step did not write in its latest materialization is not current, even if an
+older version has it. Old versions stay until `RoundStore.collect_garbage`
+(`selfimprove gc`). `versions` does the atomic publishing.
 """
 
 from __future__ import annotations
@@ -19,23 +25,29 @@ from pathlib import Path
 import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.models import is_checkpoint
+from selfimprove_dagster.models import checkpoint_problem, is_checkpoint
+from selfimprove_dagster.store import versions
+from selfimprove_dagster.store.versions import TableVersion
 
 ROUND_PATTERN = re.compile(r"^round_(\d{3,})$")
+# The tables each step (one Dagster op, a multi asset) publishes together. The first
+# table is the one every recipe writes; the others only some recipes write.
+STEP_TABLES: dict[str, tuple[str, ...]] = {
+    "prompts": ("prompts", "prompt_mix", "prompt_candidates", "curriculum_measure"),
+    "generations": ("generations",),
+    "critiques": ("critiques", "refinements"),
+    "filtered": ("filtered",),
+    "checkpoint": ("checkpoints", "rollouts", "rl_steps"),  # the last two: grpo/rloo
+    "eval_scores": ("eval_scores", "eval_details"),
+}
+TABLE_STEP = {table: step for step, tables in STEP_TABLES.items() for table in tables}
 # Per-round tables that get a catalog view across rounds.
-CATALOG_TABLES = (
-    "prompts",
-    "prompt_candidates",
-    "prompt_mix",
-    "curriculum_measure",
-    "generations",
-    "critiques",
-    "refinements",
-    "filtered",
-    "checkpoints",
-    "eval_scores",
-    "eval_details",
-)
+CATALOG_TABLES = tuple(TABLE_STEP)
+
+
+def step_of(table: str) -> str:
+    """The step that writes `table` (an unknown table is its own step)."""
+    return TABLE_STEP.get(table, table)
 
 
 def round_key(index: int) -> str:
@@ -56,18 +68,15 @@ def previous_round(key: str) -> str | None:
     return round_key(index - 1) if index > 0 else None
 
 
-def _write_atomic(path: Path, frame: pl.DataFrame) -> Path:
-    """Write to a temporary file and rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
-    return path
+def checkpoint_round(ref: str) -> str | None:
+    """The round a checkpoint reference names (`.../round_004` or `.../round_004@<version>`)."""
+    match = re.match(r"^(round_\d{3,})(@.*)?$", Path(ref).name)
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
 class RoundStore:
-    """Paths and atomic reads/writes for round artifacts under `data_dir`."""
+    """Paths, versioned publishing and reads of round artifacts under `data_dir`."""
 
     data_dir: Path
 
@@ -79,38 +88,144 @@ class RoundStore:
     def catalog_path(self) -> Path:
         return self.data_dir / "catalog.duckdb"
 
-    def table_path(self, round_: str, table: str) -> Path:
-        return self.data_dir / "rounds" / round_ / f"{table}.parquet"
+    @property
+    def rounds_dir(self) -> Path:
+        return self.data_dir / "rounds"
 
-    def checkpoint_dir(self, round_: str) -> Path:
-        return self.data_dir / "checkpoints" / round_
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
 
     @property
     def promoted_path(self) -> Path:
         return self.data_dir / "promoted_policy.parquet"
 
-    def write(self, round_: str, table: str, frame: pl.DataFrame) -> Path:
-        """Write a round's table atomically (temporary file, then rename)."""
-        return _write_atomic(self.table_path(round_, table), frame)
+    def plot_path(self, name: str) -> Path:
+        return self.data_dir / "plots" / name
 
-    def write_promoted(self, frame: pl.DataFrame) -> Path:
-        """The promoted-policy record (one row), replaced atomically."""
-        return _write_atomic(self.promoted_path, frame)
+    # --- tables ------------------------------------------------------------------------
+
+    def _step_dir(self, round_: str, step: str) -> Path:
+        round_index(round_)  # a key like "../x" must never become a path
+        return self.rounds_dir / round_ / step
+
+    def _legacy_path(self, round_: str, table: str) -> Path:
+        """Where a table lived before versions (read while its step has none)."""
+        return self.rounds_dir / round_ / f"{table}.parquet"
+
+    def current(self, round_: str, step: str) -> TableVersion | None:
+        """The current version of `step`'s tables for `round_` (None: never published)."""
+        return versions.current_tables(self._step_dir(round_, step))
+
+    def publish(
+        self,
+        round_: str,
+        step: str,
+        frames: dict[str, pl.DataFrame],
+        run_id: str | None = None,
+    ) -> TableVersion:
+        """Publish `frames` as the new current version of `step` for `round_`: all of
+        them become current at once, and tables of `step` not in `frames` stop being
+        current. Atomic: a kill at any instant leaves the old set or the new one."""
+        unknown = set(frames) - set(STEP_TABLES.get(step, (step,)))
+        if unknown:
+            raise ValueError(f"step `{step}` does not write tables {sorted(unknown)}")
+        return versions.publish_tables(self._step_dir(round_, step), frames, run_id)
+
+    def write(self, round_: str, table: str, frame: pl.DataFrame) -> Path:
+        """Replace one table: a new version of its step holding `frame` and the step's
+        other current tables (tests and repairs; assets publish whole sets)."""
+        step = step_of(table)
+        current = self.current(round_, step)
+        frames = {
+            name: self.read(round_, name)
+            for name in (current.tables if current else {})
+            if name != table
+        }
+        return self.publish(round_, step, {table: frame, **frames}).path(table)
+
+    def table_path(self, round_: str, table: str) -> Path | None:
+        """The file of `table`'s current version for `round_`, or None."""
+        current = self.current(round_, step_of(table))
+        if current is not None:
+            return current.path(table) if table in current.tables else None
+        legacy = self._legacy_path(round_, table)
+        return legacy if legacy.is_file() else None
+
+    def table_uri(self, round_: str, table: str) -> str | None:
+        path = self.table_path(round_, table)
+        return str(path.resolve()) if path else None
 
     def read(self, round_: str, table: str) -> pl.DataFrame:
         path = self.table_path(round_, table)
-        if not path.is_file():
+        if path is None or not path.is_file():
             raise SelfImproveError(
-                f"{round_} has no `{table}` table at {path}",
+                f"{round_} has no current `{table}` table",
                 f"materialize `{table}` for {round_} first (the round job does all its steps)",
             )
-        return pl.read_parquet(path)
+        try:
+            return pl.read_parquet(path)
+        except Exception as error:  # polars raises several types for a damaged file
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+            raise SelfImproveError(
+                f"{round_}'s `{table}` table ({path}) is not a readable Parquet file: {reason}",
+                f"re-materialize `{step_of(table)}` for {round_} (it writes a new version)",
+            ) from None
 
     def has(self, round_: str, table: str) -> bool:
-        return self.table_path(round_, table).is_file()
+        path = self.table_path(round_, table)
+        return path is not None and path.is_file()
+
+    def data_version(self, round_: str, table: str) -> str | None:
+        """Content hash (sha256 of the Parquet file) of `table`'s current version."""
+        current = self.current(round_, step_of(table))
+        if current is None or table not in current.table_hashes:
+            return None
+        return current.table_hashes[table]
+
+    def write_promoted(self, frame: pl.DataFrame) -> Path:
+        """The promoted-policy record (one row), replaced atomically."""
+        self.promoted_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.promoted_path.with_name(versions.temp_name(self.promoted_path.name))
+        frame.write_parquet(tmp)
+        os.replace(tmp, self.promoted_path)
+        return self.promoted_path
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def checkpoint_dir(self, round_: str) -> Path:
+        """The stable path of `round_`'s checkpoint (a link to its current version)."""
+        round_index(round_)
+        return self.checkpoints_dir / round_
+
+    def checkpoint_ref(self, round_: str) -> str:
+        """The model reference of `round_`'s checkpoint: its stable absolute path, so a
+        later round names "the current checkpoint of round N", whose identity the
+        manifest chain then verifies."""
+        return os.path.abspath(self.checkpoint_dir(round_))
+
+    def checkpoint_version_dir(self, round_: str) -> Path | None:
+        """The folder of the current checkpoint version of `round_` (None: none yet)."""
+        return versions.current_dir(self.checkpoint_dir(round_))
+
+    def checkpoint_staging(self, round_: str) -> Path:
+        """A fresh temporary folder to train `round_`'s checkpoint into (publish it with
+        `publish_checkpoint`); unique per writer, so two runs never share one."""
+        return versions.staging_dir(self.checkpoint_dir(round_))
+
+    def publish_checkpoint(self, round_: str, staging: Path, run_id: str | None = None) -> Path:
+        """Make the complete folder `staging` the current checkpoint of `round_`."""
+        return versions.publish_dir(staging, self.checkpoint_dir(round_), run_id)
 
     def has_checkpoint(self, round_: str) -> bool:
         return is_checkpoint(self.checkpoint_dir(round_))
+
+    def chain_problem(self, round_: str) -> str | None:
+        """None when the checkpoint chain of `round_` verifies (each adapter, parent and
+        base model unchanged since it was trained on); otherwise a one-line reason."""
+        if not self.has_checkpoint(round_):
+            return f"{round_} has no checkpoint"
+        return checkpoint_problem(self.checkpoint_dir(round_), self.models_dir)
 
     def policy_for(self, round_: str, base_model: str) -> tuple[str, str | None]:
         """The model that generates in `round_`: round N−1's checkpoint, or the base model.
@@ -129,52 +244,86 @@ class RoundStore:
                 f"materialize {parent} first (e.g. `selfimprove run --rounds "
                 f"{round_index(round_)}`), or start from round_000",
             )
-        return str(self.checkpoint_dir(parent).resolve()), parent
+        return self.checkpoint_ref(parent), parent
 
     def generation_policy(self, round_: str) -> tuple[str, str | None]:
         """The policy that generated `round_` (recorded in its `generations` table), and
         the round whose checkpoint it is (None for a model outside the data dir)."""
         policy = self.read(round_, "generations")["policy"][0]
         path = Path(policy)
-        in_store = path.parent == (self.data_dir / "checkpoints").resolve()
-        return policy, path.name if in_store else None
+        in_store = os.path.abspath(path.parent) == os.path.abspath(self.checkpoints_dir) or (
+            path.parent == self.checkpoints_dir.resolve()
+        )
+        return policy, checkpoint_round(policy) if in_store else None
+
+    # --- rounds --------------------------------------------------------------------------
+
+    def round_keys(self) -> list[str]:
+        """Rounds with a folder under `rounds/`, in order."""
+        if not self.rounds_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.rounds_dir.iterdir() if ROUND_PATTERN.match(p.name))
 
     def completed_rounds(self) -> list[str]:
-        """Rounds whose last asset (`eval_scores`) is written, in order."""
-        rounds_dir = self.data_dir / "rounds"
-        if not rounds_dir.is_dir():
-            return []
-        keys = [p.name for p in rounds_dir.iterdir() if ROUND_PATTERN.match(p.name)]
-        return sorted(k for k in keys if self.has(k, "eval_scores"))
+        """Rounds whose last asset (`eval_scores`) is current, in order."""
+        return [k for k in self.round_keys() if self.has(k, "eval_scores")]
 
     def history(self) -> pl.DataFrame:
         """All completed rounds' `eval_scores` rows, in round order."""
         frames = [self.read(key, "eval_scores") for key in self.completed_rounds()]
         return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
-    def refresh_catalog(self) -> str:
-        """(Re)create one DuckDB view per table over all rounds' Parquet files.
+    # --- garbage collection --------------------------------------------------------------
 
-        Views read a glob (`rounds/*/<table>.parquet`), so later rounds show up without
-        a refresh; this only has to run when a table gets its first file. A catalog
-        locked by another process (someone querying it) is left as is: the round's
-        Parquet files are the source of truth, and the next refresh catches up.
+    def collect_garbage(self, dry_run: bool = False) -> list[Path]:
+        """Delete what no reader can see: non-current table versions, non-current
+        checkpoint versions, legacy per-round files of steps that have versions, and
+        temporary folders whose writer is gone. Returns the paths (deleted, or with
+        `dry_run`, that would be). The catalog is refreshed afterwards."""
+        stale: list[Path] = []
+        for round_ in self.round_keys():
+            round_dir = self.rounds_dir / round_
+            for step_dir in sorted(p for p in round_dir.iterdir() if p.is_dir()):
+                stale += versions.stale_table_versions(step_dir)
+            for legacy in sorted(round_dir.glob("*.parquet")):
+                if self.current(round_, step_of(legacy.stem)) is not None:
+                    stale.append(legacy)
+        stale += versions.stale_dir_versions(self.checkpoints_dir)
+        if not dry_run:
+            versions.remove(stale)
+            self.refresh_catalog()
+        return stale
+
+    # --- catalog -------------------------------------------------------------------------
+
+    def current_files(self, table: str) -> list[Path]:
+        """The current file of `table` in every round that has one, in round order."""
+        paths = (self.table_path(round_, table) for round_ in self.round_keys())
+        return [p.resolve() for p in paths if p is not None and p.is_file()]
+
+    def refresh_catalog(self) -> str:
+        """(Re)create one DuckDB view per table over the current version of every round.
+
+        Views list their files explicitly, so they never see an old or half-written
+        version; every publish refreshes them (`_save` in the round assets). A catalog
+        locked by another process (someone querying it) is left as is: the rounds'
+        current versions are the source of truth, and the next refresh catches up.
         """
         import duckdb
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        rounds_dir = (self.data_dir / "rounds").resolve()
         try:
             con = duckdb.connect(str(self.catalog_path))
         except duckdb.IOException as error:
             return f"catalog not refreshed (in use by another process: {error})"
         with con:
             for table in CATALOG_TABLES:
-                if any(rounds_dir.glob(f"round_*/{table}.parquet")):
-                    pattern = f"{rounds_dir}/round_*/{table}.parquet"
+                files = self.current_files(table)
+                if files:
+                    listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
                     con.execute(
                         f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM "
-                        f"read_parquet('{pattern}', union_by_name = true)"
+                        f"read_parquet([{listed}], union_by_name = true)"
                     )
                 else:
                     con.execute(f"DROP VIEW IF EXISTS {table}")

@@ -13,10 +13,14 @@ TRL reward functions) without torch.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.verifiers.verdict import Verdict
 
 # Two numbers closer than this are the same answer (covers "0.1 + 0.2" style noise).
 TOLERANCE = Decimal("1e-6")
@@ -79,15 +83,6 @@ def extract_answer(text: str) -> str | None:
         if found is not None:
             return found
     return _last_number(text)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The verifier's decision on one completion."""
-
-    correct: bool
-    extracted: str | None  # the normalized number found in the completion, if any
-    reason: str  # "correct", "wrong_answer" or "no_answer"
 
 
 def verify(completion: str, answer: str) -> Verdict:
@@ -220,3 +215,212 @@ def _completion_text(completion: object) -> str:
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
         return str(completion[-1].get("content", ""))
     return str(completion)
+
+
+def verify_row(completion: str, row: Mapping[str, Any]) -> Verdict:
+    """`verify` for a problem row (the dispatcher's interface): reads `row["answer"]`."""
+    if row.get("answer") is None:
+        raise SelfImproveError(
+            "the numeric verifier got a row without an `answer`",
+            "give every problem row a reference answer in an `answer` column",
+        )
+    return verify(completion, str(row["answer"]))
+
+
+def verify_rows(completions: list[str], rows: list[Mapping[str, Any]]) -> list[Verdict]:
+    """`verify_row` over a batch, through the vectorized `verify_frame`."""
+    for row in rows:
+        if row.get("answer") is None:
+            verify_row("", row)  # raises the missing-answer error
+    frame = pl.DataFrame(
+        {"completion": list(completions), "answer": [str(r["answer"]) for r in rows]},
+        schema={"completion": pl.String, "answer": pl.String},
+    )
+    out = verify_frame(frame)
+    return [
+        Verdict(correct=c, extracted=e, reason=r)
+        for c, e, r in zip(out["correct"], out["extracted"], out["reason"], strict=True)
+    ]
+
+
+# --- the same verifier as Polars expressions ----------------------------------------
+#
+# Polars uses Rust's regex engine: no lookbehind or lookahead. Without them the patterns
+# above differ from Python's in three rare cases, which `verify_frame` hands back to the
+# Python path row by row: thousands separators ("1,234", the `(?!\d)` lookahead), a
+# negative candidate (the sign rule of `_matched_number` looks at the text before it),
+# and very long numbers (compared exactly as Decimals, not as floats).
+_V_NUM = r"-?\$?\s?\d+(?:\.\d+)?"
+_V_LEAD = r"[\s*$\\({\[]*"
+_V_GSM8K = rf"####\s*({_V_NUM})"
+_V_BOXED = r"\\boxed\s*\{([^{}]*)\}"
+_V_ANSWER = (
+    r"(?i)\banswer\b"
+    r"(?:\s+(?:is|was|would\s+be|will\s+be|should\s+be))?"
+    r"\s*[:=]?\s*"
+    r"(?:(?:approximately|about|exactly|simply|just|equal\s+to)\s+)?"
+    rf"{_V_LEAD}({_V_NUM})"
+)
+_V_EQUALS = rf"=\s*{_V_LEAD}({_V_NUM})"
+_V_TAIL = rf"({_V_NUM})$"
+_V_LAST_NUMBER = rf"(?:^|[^\w.])({_V_NUM})"
+# The first non-blank line is a bare number: `[^\S\n]` is whitespace within the line.
+_V_SP = r"[^\S\n]"
+_V_FIRST_LINE = (
+    rf"^\s*(?:{_V_SP}|[*$\\({{\[])*(-?\$?{_V_SP}?\d+(?:\.\d+)?)"
+    rf"{_V_SP}*[*$\\)}}\]]*{_V_SP}*%?{_V_SP}*[.!]?{_V_SP}*(?:\n|$)"
+)
+# Rows the expressions leave to Python: see above; plus line breaks other than "\n"
+# (`str.splitlines` splits on them, the first-line regex does not).
+_V_DEFER = r"\d,\d|[\u2212\u00a0\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]|\d{16,}"
+
+
+def with_raw_answer(frame: pl.DataFrame, completion: str, target: str) -> pl.DataFrame:
+    """`frame` plus column `target`: the number `extract_answer` picks, not yet canonical.
+
+    The finders run in `extract_answer`'s order, each only on the rows that need it:
+    a finder's regex sees a row only when a cheap literal test says it can match and no
+    earlier finder matched (null rows cost nothing), so most rows pay for one regex.
+    """
+    text = pl.col(completion)
+    flagged = frame.select(
+        _c=text,
+        _gsm=text.str.contains("####", literal=True),
+        _box=text.str.contains("\\boxed", literal=True),
+        _ans=text.str.contains(r"(?i)answer"),
+        _eq=text.str.contains("=", literal=True),
+    )
+    staged = flagged.with_columns(
+        _r=pl.coalesce(
+            _v_last(pl.when(pl.col("_gsm")).then(pl.col("_c")), _V_GSM8K),
+            pl.when(pl.col("_box"))
+            .then(pl.col("_c"))
+            .str.extract(r"(?s)^.*" + _V_BOXED, 1)
+            .str.extract_all(_V_LAST_NUMBER)
+            .list.last(),
+            _v_last(pl.when(pl.col("_ans")).then(pl.col("_c")), _V_ANSWER),
+            _v_last(pl.when(pl.col("_eq")).then(pl.col("_c")), _V_EQUALS),
+        )
+    )
+    staged = staged.with_columns(
+        _r=pl.coalesce(
+            pl.col("_r"),
+            pl.when(pl.col("_r").is_null()).then(pl.col("_c")).str.extract(_V_FIRST_LINE, 1),
+        )
+    )
+    staged = staged.with_columns(
+        _r=pl.coalesce(
+            pl.col("_r"),
+            pl.when(pl.col("_r").is_null())
+            .then(pl.col("_c"))
+            .str.extract_all(_V_LAST_NUMBER)
+            .list.last(),
+        )
+    )
+    return frame.with_columns(staged["_r"].str.replace(r"^[^\d$-]", "").alias(target))
+
+
+def with_canonical(frame: pl.DataFrame, source: str, target: str) -> pl.DataFrame:
+    """`frame` plus column `target`: `_canonical` of `source` ("$1.50" -> "1.5",
+    "57.0" -> "57", "007" -> "7"). Built in stages: one nested expression would repeat
+    its shared sub-expressions many times over."""
+    digits = frame.select(pl.col(source).str.replace_all(r"[\s$,]", "").alias("d"))["d"]
+    magnitude = (
+        pl.when(pl.col("d").str.contains(".", literal=True))
+        .then(pl.col("d").str.strip_chars_end("0").str.strip_chars_end("."))
+        .otherwise(pl.col("d"))
+        .str.strip_chars_start("-")
+        .str.strip_chars_start("0")
+    )
+    staged = (
+        pl.DataFrame({"d": digits})
+        .with_columns(m=magnitude)
+        .with_columns(
+            m=pl.when(pl.col("m") == "")
+            .then(pl.lit("0"))
+            .when(pl.col("m").str.starts_with("."))
+            .then(pl.concat_str(pl.lit("0"), pl.col("m")))
+            .otherwise(pl.col("m"))
+        )
+    )
+    negative = pl.col("d").str.starts_with("-") & (pl.col("m") != "0")
+    value = staged.select(
+        pl.when(pl.col("d").is_null())
+        .then(pl.lit(None, dtype=pl.String))
+        .when(negative)
+        .then(pl.concat_str(pl.lit("-"), pl.col("m")))
+        .otherwise(pl.col("m"))
+        .alias(target)
+    )[target]
+    return frame.with_columns(value)
+
+
+def verify_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """Vectorized `verify` for a frame with `completion` and `answer` (reference) columns.
+
+    Returns the frame with `extracted`, `correct` and `reason`, equal to the row-by-row
+    `verify` (tests check this on a corpus); the few rows the Rust regexes cannot decide
+    (see above) go through `verify` itself.
+    """
+    references = _references(frame["answer"])
+    out = frame.with_columns(
+        _reference=references,
+        _defer=pl.col("completion").str.contains(_V_DEFER),
+    )
+    out = with_raw_answer(out, "completion", "_raw")
+    out = with_canonical(out, "_raw", "extracted").drop("_raw")
+    out = out.with_columns(
+        _defer=pl.col("_defer") | pl.col("extracted").str.starts_with("-").fill_null(False)
+    )
+    difference = (
+        pl.col("extracted").cast(pl.Float64, strict=False)
+        - pl.col("_reference").cast(pl.Float64, strict=False)
+    ).abs()
+    same = (pl.col("extracted") == pl.col("_reference")) | (difference <= float(TOLERANCE))
+    out = out.with_columns(
+        correct=pl.col("extracted").is_not_null() & same.fill_null(False),
+    ).with_columns(
+        reason=pl.when(pl.col("extracted").is_null())
+        .then(pl.lit("no_answer"))
+        .when(pl.col("correct"))
+        .then(pl.lit("correct"))
+        .otherwise(pl.lit("wrong_answer"))
+    )
+    deferred = out["_defer"].arg_true()
+    if len(deferred):
+        out = _verify_deferred(out, deferred)
+    return out.drop("_reference", "_defer")
+
+
+def _v_last(text: pl.Expr, pattern: str) -> pl.Expr:
+    # The last of the non-overlapping matches (Python's `finditer` order), then the
+    # number that ends it: every finder pattern ends in its number.
+    return text.str.extract_all(pattern).list.last().str.extract(_V_TAIL, 1)
+
+
+def _references(answers: pl.Series) -> pl.Series:
+    # References repeat (k samples per prompt): normalize each distinct one once.
+    unique = answers.unique()
+    mapping = {a: _reference(a) for a in unique.to_list()}
+    return answers.replace_strict(mapping, return_dtype=pl.String)
+
+
+def _verify_deferred(out: pl.DataFrame, rows: pl.Series) -> pl.DataFrame:
+    completions = out["completion"].gather(rows).to_list()
+    answers = out["answer"].gather(rows).to_list()
+    verdicts = [verify(c, a) for c, a in zip(completions, answers, strict=True)]
+    patch = pl.DataFrame(
+        {
+            "_row": rows,
+            "_x": [v.extracted for v in verdicts],
+            "_c": [v.correct for v in verdicts],
+            "_r": [v.reason for v in verdicts],
+        },
+        schema={"_row": rows.dtype, "_x": pl.String, "_c": pl.Boolean, "_r": pl.String},
+    )
+    joined = out.with_row_index("_row").join(patch, on="_row", how="left")
+    return joined.with_columns(
+        extracted=pl.when(pl.col("_defer")).then(pl.col("_x")).otherwise(pl.col("extracted")),
+        correct=pl.when(pl.col("_defer")).then(pl.col("_c")).otherwise(pl.col("correct")),
+        reason=pl.when(pl.col("_defer")).then(pl.col("_r")).otherwise(pl.col("reason")),
+    ).drop("_row", "_x", "_c", "_r")

@@ -1,0 +1,220 @@
+"""The verifier for multiple-choice answers (CommonsenseQA and any row with `choices`).
+
+A row's `answer` is the correct label ("B"); `choices` maps labels to option texts
+({"A": "bank", "B": "library", ...}; a list is labelled A, B, C, ... in order). The
+completion may name its choice in any of the ways a small model writes one:
+
+    "The answer is (B)."   "Answer: B"   "B) library"   "B. library"   "**B**"   "library"
+
+Extraction tries, in order: the last "answer is X" / "Answer: X" / "\\boxed{X}", a
+line that starts with a label ("B)", "(B)", "B.", "B:") when all such lines name the
+same label (a reply that lists several options chose none of them), a reply that is
+just a label, and finally the option text alone when exactly one option's text
+appears in the reply. The extracted answer is the label.
+
+`verify_frame` does the same on a whole frame with Polars expressions (no Python loop
+per row); only rows where no label is found fall back to the option-text search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import string
+from collections.abc import Mapping
+from typing import Any
+
+import polars as pl
+
+from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.verifiers.verdict import Verdict
+
+# A label is one capital letter A-J (CommonsenseQA uses A-E, some sets go further).
+_LABEL = r"[A-J]"
+# "the answer is (B)", "Answer: B", "correct answer would be **B**", "answer - B".
+_ANSWER_PATTERN = (
+    r"(?i:\banswer\b(?:\s+(?:is|was|would\s+be|will\s+be|should\s+be))?)"
+    r"\s*(?:[:=\-]\s*)?(?:option\s+|choice\s+)?[\s*(\[\"']*(" + _LABEL + r")\b"
+)
+_BOXED_PATTERN = r"\\boxed\s*\{\s*(?:\\text\{)?\s*(" + _LABEL + r")\b"
+# A line starting with a label: "B) ...", "(B) ...", "B. ...", "B: ...", "**B.** ...".
+_LINE_PATTERN = r"(?m)^[\s*]*\(?(" + _LABEL + r")(?:[).:]|\s*$)"
+# A reply that is only a label, maybe decorated: "B", "(B)", "**B**", "B.".
+_BARE_PATTERN = r"^[\s*(\[]*(" + _LABEL + r")[\s*)\].!]*$"
+_LABEL_IN_LINE = r"(" + _LABEL + r")"
+
+_ANSWER_RE = re.compile(_ANSWER_PATTERN)
+_BOXED_RE = re.compile(_BOXED_PATTERN)
+_LINE_RE = re.compile(_LINE_PATTERN)
+_BARE_RE = re.compile(_BARE_PATTERN)
+
+
+def choice_map(choices: object) -> dict[str, str]:
+    """`choices` as {label: text}: a mapping is kept (labels upper-cased), a list gets
+    labels A, B, C, ...; a JSON string of either (the problem table's `choices`
+    column) is read first; anything else is a SelfImproveError."""
+    if isinstance(choices, str):
+        with contextlib.suppress(json.JSONDecodeError):
+            choices = json.loads(choices)
+    if isinstance(choices, Mapping):
+        mapped = {str(k).strip().upper(): str(v) for k, v in choices.items() if v is not None}
+    elif isinstance(choices, list | tuple):
+        mapped = {string.ascii_uppercase[i]: str(v) for i, v in enumerate(choices)}
+    else:
+        mapped = {}
+    if len(mapped) < 2:
+        raise SelfImproveError(
+            f"a multiple-choice row needs at least two choices (got {choices!r})",
+            'give `choices` as {"A": "text", "B": "text", ...} or a list of option texts',
+        )
+    return mapped
+
+
+def extract_choice(completion: str, choices: Mapping[str, str] | None = None) -> str | None:
+    """The label a reply chose (upper-case), or None when it names none of `choices`."""
+    labels = set(choices) if choices else None
+    for pattern in (_ANSWER_RE, _BOXED_RE):
+        found = [m.group(1).upper() for m in pattern.finditer(completion)]
+        found = [f for f in found if labels is None or f in labels]
+        if found:
+            return found[-1]
+    lines = {m.group(1).upper() for m in _LINE_RE.finditer(completion)}
+    if len(lines) > 1:
+        return None  # it listed the options
+    if lines:
+        line = lines.pop()
+        return line if labels is None or line in labels else None
+    match = _BARE_RE.search(completion.strip())
+    if match and (labels is None or match.group(1).upper() in labels):
+        return match.group(1).upper()
+    return _choice_by_text(completion, choices) if choices else None
+
+
+def verify_row(completion: str, row: Mapping[str, Any]) -> Verdict:
+    """Whether `completion` picks `row["answer"]` among `row["choices"]`."""
+    choices = choice_map(row.get("choices"))
+    reference = reference_label(row.get("answer"), choices)
+    extracted = extract_choice(completion, choices)
+    if extracted is None:
+        return Verdict(correct=False, extracted=None, reason="no_answer")
+    if extracted == reference:
+        return Verdict(correct=True, extracted=extracted, reason="correct")
+    return Verdict(correct=False, extracted=extracted, reason="wrong_answer")
+
+
+def verify_rows(completions: list[str], rows: list[Mapping[str, Any]]) -> list[Verdict]:
+    """`verify_row` over a batch, through the vectorized `verify_frame`."""
+    frame = pl.DataFrame(
+        {
+            "completion": completions,
+            "answer": [
+                reference_label(r.get("answer"), choice_map(r.get("choices"))) for r in rows
+            ],
+        },
+        schema={"completion": pl.String, "answer": pl.String},
+    )
+    choices = [choice_map(r.get("choices")) for r in rows]
+    out = verify_frame(frame, choices)
+    return [
+        Verdict(correct=c, extracted=e, reason=r)
+        for c, e, r in zip(out["correct"], out["extracted"], out["reason"], strict=True)
+    ]
+
+
+def reference_label(answer: object, choices: Mapping[str, str]) -> str:
+    """The correct label: `answer` is a label ("B", "b", "(B)") or the text of a choice."""
+    text = "" if answer is None else str(answer).strip()
+    label = text.strip("()[] .").upper()
+    if label in choices:
+        return label
+    for key, value in choices.items():
+        if _norm(value) == _norm(text):
+            return key
+    raise SelfImproveError(
+        f"multiple-choice answer {answer!r} is neither a label nor a choice text "
+        f"(labels {', '.join(choices)})",
+        "make `answer` the correct label (e.g. 'B') or the exact text of the correct choice",
+    )
+
+
+def label_expr(completion: pl.Expr) -> pl.Expr:
+    """Polars expression: the label a reply chose by the label rules (not option text)."""
+    line_labels = completion.str.extract_all(_LINE_PATTERN).list.eval(
+        pl.element().str.extract(_LABEL_IN_LINE, 1)
+    )
+    one_line_label = pl.when(line_labels.list.unique().list.len() == 1).then(
+        line_labels.list.first()
+    )
+    return pl.coalesce(
+        _last_group(completion, _ANSWER_PATTERN),
+        _last_group(completion, _BOXED_PATTERN),
+        one_line_label,
+        pl.when(line_labels.list.len().fill_null(0) == 0).then(
+            completion.str.strip_chars().str.extract(_BARE_PATTERN, 1)
+        ),
+    ).str.to_uppercase()
+
+
+def verify_frame(
+    frame: pl.DataFrame, choices: list[Mapping[str, str]] | None = None
+) -> pl.DataFrame:
+    """Vectorized verdicts for a frame with `completion` and `answer` (the correct label).
+
+    Returns the frame with `extracted`, `correct` and `reason`. Rows where no label rule
+    matches fall back to the option-text search when `choices` (one mapping per row) are
+    given; label rules ignore labels outside a row's choices only on that fallback path.
+    """
+    out = frame.with_columns(extracted=label_expr(pl.col("completion")))
+    if choices is not None:
+        out = _fallback_to_text(out, choices)
+    return out.with_columns(
+        correct=pl.col("extracted").is_not_null() & (pl.col("extracted") == pl.col("answer")),
+        reason=pl.when(pl.col("extracted").is_null())
+        .then(pl.lit("no_answer"))
+        .when(pl.col("extracted") == pl.col("answer"))
+        .then(pl.lit("correct"))
+        .otherwise(pl.lit("wrong_answer")),
+    ).with_columns(pl.col("correct").fill_null(False))
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _last_group(text: pl.Expr, pattern: str) -> pl.Expr:
+    # `(?s)^.*X` is greedy: it matches the *last* occurrence of X (Rust regex, no lookbehind).
+    return text.str.extract(r"(?s)^.*" + pattern, 1)
+
+
+def _fallback_to_text(frame: pl.DataFrame, choices: list[Mapping[str, str]]) -> pl.DataFrame:
+    extracted = frame["extracted"].to_list()
+    completions = frame["completion"].to_list()
+    for i, (label, options) in enumerate(zip(extracted, choices, strict=True)):
+        if label is None or label not in options:
+            extracted[i] = extract_choice(completions[i], options)
+    return frame.with_columns(extracted=pl.Series(extracted, dtype=pl.String))
+
+
+def _choice_by_text(completion: str, choices: Mapping[str, str]) -> str | None:
+    """The one option whose text the reply mentions; None for none or several. A
+    mention inside a longer mentioned option ("store" in "department store") does not
+    count as its own."""
+    text = _norm(completion)
+    spans = {
+        label: [m.span() for m in re.finditer(rf"(?<!\w){re.escape(_norm(option))}(?!\w)", text)]
+        for label, option in choices.items()
+        if _norm(option)
+    }
+    every = [span for found in spans.values() for span in found]
+
+    def inside_another(span: tuple[int, int]) -> bool:
+        return any(o != span and o[0] <= span[0] and span[1] <= o[1] for o in every)
+
+    mentioned = {
+        label for label, found in spans.items() if any(not inside_another(s) for s in found)
+    }
+    return mentioned.pop() if len(mentioned) == 1 else None
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())

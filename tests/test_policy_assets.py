@@ -1,0 +1,203 @@
+"""`promoted_policy` and `history` (assets/policy.py): materialized by Declarative
+Automation when a round's eval_scores lands with its blocking checks passed, with the
+promoted round, its accuracy and the reason; the history plot and table.
+
+The round here is a stand-in (`eval_scores` writes a hand-written row, one blocking
+gate), so a tick evaluates in a second; the policy assets are the real ones.
+"""
+
+from collections.abc import Iterator
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from assets.partitions import ROUNDS
+from assets.policy import POLICY_ASSETS, POLICY_AUTOMATION, history, policy_job, promoted_policy
+from resources import StorageResource
+from selfimprove_dagster.store.storage import RoundStore
+
+GATE = "check_no_regression_eval_scores"
+# round -> (accuracy_before, accuracy_after); round_002 is the planted regression.
+ACCURACY = {"round_000": (0.1, 0.5), "round_001": (0.5, 0.7), "round_002": (0.7, 0.4)}
+
+
+@dg.asset(partitions_def=ROUNDS, name="eval_scores")
+def stand_in_eval_scores(
+    context: dg.AssetExecutionContext, storage: StorageResource
+) -> dg.MaterializeResult:
+    store, round_ = storage.store(), context.partition_key
+    before, after = ACCURACY[round_]
+    row = {
+        "round": round_,
+        "checkpoint": str(store.checkpoint_dir(round_)),
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "pass_at_k": after,
+        "kept": 10,
+    }
+    store.write(round_, "eval_scores", pl.DataFrame([row]))
+    return dg.MaterializeResult()
+
+
+@dg.asset_check(asset=stand_in_eval_scores, name=GATE, blocking=True, partitions_def=ROUNDS)
+def stand_in_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    before, after = ACCURACY[context.partition_key]
+    return dg.AssetCheckResult(passed=after >= before, severity=dg.AssetCheckSeverity.ERROR)
+
+
+round_job = dg.define_asset_job(
+    "round_job", selection=[stand_in_eval_scores], partitions_def=ROUNDS
+)
+
+
+@pytest.fixture
+def store(tmp_path) -> RoundStore:
+    return RoundStore(tmp_path / "var")
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def definitions(store: RoundStore) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[stand_in_eval_scores, *POLICY_ASSETS],
+        asset_checks=[stand_in_gate],
+        jobs=[round_job, policy_job],
+        resources={"storage": StorageResource(data_dir=str(store.data_dir))},
+    )
+
+
+def run_round(instance, store, round_: str) -> bool:
+    instance.add_dynamic_partitions(ROUNDS.name, [round_])
+    job = definitions(store).resolve_job_def("round_job")
+    return job.execute_in_process(
+        instance=instance, partition_key=round_, raise_on_error=False
+    ).success
+
+
+def requested(instance, store, cursor=None):
+    """One automation tick over the policy assets: (requested keys, next cursor)."""
+    result = dg.evaluate_automation_conditions(
+        defs=definitions(store),
+        instance=instance,
+        asset_selection=dg.AssetSelection.assets(*POLICY_ASSETS),
+        cursor=cursor,
+    )
+    keys = {
+        asset.key.to_user_string() for asset in POLICY_ASSETS if result.get_num_requested(asset.key)
+    }
+    return keys, result.cursor
+
+
+def test_the_condition_is_eager_with_blocking_checks_passed():
+    for asset in (promoted_policy, history):
+        assert asset.automation_conditions_by_key[asset.key] == POLICY_AUTOMATION
+    labels = [child.get_label() for child in POLICY_AUTOMATION.children]
+    assert labels == ["eager", "no_dep_blocking_check_failed"]
+
+
+def test_requested_when_a_round_lands_with_its_gates_passed(instance, store):
+    keys, cursor = requested(instance, store)
+    assert keys == set()  # nothing landed yet
+    assert run_round(instance, store, "round_000")
+    keys, cursor = requested(instance, store, cursor)
+    assert keys == {"promoted_policy", "history"}
+
+
+def test_not_requested_when_the_rounds_blocking_gate_failed(instance, store):
+    assert run_round(instance, store, "round_000")
+    assert run_round(instance, store, "round_001")
+    _, cursor = requested(instance, store)
+    assert not run_round(instance, store, "round_002")  # the regression gate fails
+    keys, _ = requested(instance, store, cursor)
+    assert keys == set()
+
+
+def test_metadata_names_the_promoted_round_its_accuracy_and_the_reason(instance, store):
+    for round_ in ACCURACY:
+        run_round(instance, store, round_)
+    result = definitions(store).resolve_job_def("policy_job").execute_in_process(instance=instance)
+    promoted = result.asset_materializations_for_node("promoted_policy")[0].metadata
+    assert promoted["promoted_round"].value == "round_001"
+    assert promoted["accuracy"].value == pytest.approx(0.7)
+    assert promoted["reason"].value.startswith(
+        "round_001 has the best held-out accuracy 70.0% (up from 50.0%)"
+    )
+    # round_002 failed its gate: shown in the history, never promoted.
+    row = pl.read_parquet(store.promoted_path).row(0, named=True)
+    assert (row["round"], row["decided_after"]) == ("round_001", "round_001")
+    shown = result.asset_materializations_for_node("history")[0].metadata
+    assert shown["dagster/row_count"].value == 3
+    assert shown["history"].value.startswith("![")
+    assert "round_002" in shown["history_table"].value
+    assert store.plot_path("history.png").is_file()
+
+
+def test_no_rounds_yet_serves_the_base_model(instance, store):
+    result = definitions(store).resolve_job_def("policy_job").execute_in_process(instance=instance)
+    promoted = result.asset_materializations_for_node("promoted_policy")[0].metadata
+    assert promoted["promoted_round"].value == "none (base model)"
+    assert promoted["reason"].value == "no completed rounds yet: serve the base model"
+
+
+def test_the_code_location_runs_their_automation_sensor_by_default():
+    from selfimprove_dagster.definitions import defs
+
+    repository = defs.get_repository_def()
+    sensors = {sensor.name: sensor for sensor in repository.sensor_defs}
+    assert "default_automation_condition_sensor" not in sensors  # it would start stopped
+    sensor = sensors["policy_automation_sensor"]
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    targeted = sensor.asset_selection.resolve(repository.asset_graph)
+    assert targeted == {promoted_policy.key, history.key}
+
+
+# --- the core functions the assets wrap (selfimprove_dagster/evolution.py) ----------
+
+
+def rounds(*accuracies: tuple[float, float]) -> pl.DataFrame:
+    keys = [f"round_{i:03d}" for i in range(len(accuracies))]
+    return pl.DataFrame(
+        {
+            "round": keys,
+            "checkpoint": [f"/ckpt/{key}" for key in keys],
+            "accuracy_before": [before for before, _ in accuracies],
+            "accuracy_after": [after for _, after in accuracies],
+        }
+    )
+
+
+def test_promotion_picks_the_best_round_that_did_not_regress():
+    from selfimprove_dagster.evolution import promotion
+
+    chosen = promotion(rounds((0.1, 0.5), (0.5, 0.8), (0.8, 0.6)))  # round_002 regressed
+    assert (chosen.round, chosen.checkpoint, chosen.accuracy) == (
+        "round_001",
+        "/ckpt/round_001",
+        0.8,
+    )
+    assert chosen.decided_after == "round_002"
+    assert chosen.frame().columns == ["round", "checkpoint", "accuracy", "decided_after", "reason"]
+
+
+def test_promotion_serves_the_base_model_when_every_round_regressed():
+    from selfimprove_dagster.evolution import promotion
+
+    chosen = promotion(rounds((0.5, 0.2)))
+    assert chosen.round is None
+    assert chosen.reason == (
+        "every round up to round_000 scored below its policy: serve the base model"
+    )
+    assert chosen.frame().row(0, named=True)["round"] is None
+
+
+def test_history_table_marks_the_promoted_round():
+    from selfimprove_dagster.evolution import history_table
+
+    table = history_table(rounds((0.1, 0.5), (0.5, 0.8)), "round_001")
+    assert table["promoted"].to_list() == [False, True]
+    assert history_table(pl.DataFrame()).height == 0
