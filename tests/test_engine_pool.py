@@ -178,13 +178,13 @@ def test_keeping_the_transformers_engine_does_not_change_a_rounds_samples(
         try:
             # Sampling twice: the second pass runs on the kept engine, or on a fresh one.
             dg.materialize(
-                [a for a in ROUND_ASSETS if a.key.path[-1] in ("prompts", "generations")],
+                [assets.rounds.prompts, assets.rounds.generations],
                 partition_key="round_000",
                 instance=instance,
                 resources=resources,
             )
             dg.materialize(
-                [a for a in ROUND_ASSETS if a.key.path[-1] == "generations"],
+                [assets.rounds.generations],
                 partition_key="round_000",
                 instance=instance,
                 resources=resources,
