@@ -30,14 +30,13 @@ from resources import (
 from selfimprove_dagster.engines import GenerationEngine
 from selfimprove_dagster.evaluation import (
     EvalResult,
-    balance_by_temperature,
     evaluate_policy,
     previous_accuracy,
 )
 from selfimprove_dagster.evolution import (
-    choose_temperature_from_samples,
     round_policy,
     round_temperature,
+    tune_next_temperature,
 )
 from selfimprove_dagster.methods import grpo, star
 from selfimprove_dagster.methods import recipe as methods
@@ -343,21 +342,11 @@ def critiques(
         {
             "method": recipe.name,
             "critics": ", ".join(frame["critic"].unique(maintain_order=True)),
-            **critique_rates(frame),
+            **monitors.critique_rates(frame),
             **{k: v for k, v in methods.method_metrics(recipe, frame).items() if v is not None},
             "preview": _preview(frame, ["critic", "verdict", "reason", "score", "critique"]),
         },
     )
-
-
-def critique_rates(frame: pl.DataFrame) -> dict[str, float]:
-    """Accept rate of the first critic, and ground-truth error rates where known."""
-    first = frame.filter(pl.col("critic") == frame["critic"][0]) if frame.height else frame
-    rates = {"accept_rate": float((first["verdict"] == "accept").mean() or 0.0)}
-    if first["correct"].null_count() < first.height:
-        rates["correct_rate"] = float(first["correct"].mean() or 0.0)
-    rates["no_answer_rate"] = float(first["extracted_answer"].is_null().mean() or 0.0)
-    return rates
 
 
 @dg.asset(
@@ -626,8 +615,20 @@ def eval_scores(
     engine = generator.load(str(store.checkpoint_dir(round_)), store.models_dir)
     try:
         after = score(engine, task.eval_samples_per_prompt)
-        tuning = tune_next_temperature(
-            engine, store, round_, generator, trainer, evolution, context
+        tuning = (
+            tune_next_temperature(
+                engine,
+                store,
+                round_,
+                k=generator.samples_per_prompt,
+                sampling=sampling,
+                grid=evolution.temperature_grid,
+                max_per_prompt=trainer.max_per_prompt,
+                tuning_prompts=evolution.tuning_prompts,
+                log=context.log.info,
+            )
+            if evolution.auto_temperature
+            else {}
         )
     finally:
         engine.close()
@@ -640,7 +641,13 @@ def eval_scores(
         "pass_at_k": after.pass_at_k,
         "k": after.k,
         "n_eval": eval_set.height,
-        **round_health(store, round_, generator.samples_per_prompt, trainer.max_per_prompt),
+        **monitors.round_health(
+            store.read(round_, "generations"),
+            store.read(round_, "critiques"),
+            store.read(round_, "filtered"),
+            k=generator.samples_per_prompt,
+            target=trainer.max_per_prompt,
+        ),
         **methods.method_metrics(
             method.recipe(), store.read(round_, "critiques"), store.read(round_, "filtered")
         ),
@@ -670,40 +677,3 @@ def eval_scores(
             "parent_round": parent or "none (base model)",
         },
     )
-
-
-def tune_next_temperature(engine, store, round_, generator, trainer, evolution, context) -> dict:
-    """With auto_temperature: the next round's temperature, B-STaR style (the grid
-    temperature whose balance score is highest for the new checkpoint)."""
-    if not evolution.auto_temperature:
-        return {}
-    train_set = star.train_prompts(store.read(round_, "prompts")).head(evolution.tuning_prompts)
-    balance = balance_by_temperature(
-        engine,
-        train_set,
-        round_,
-        generator.samples_per_prompt,
-        generator.sampling(round_index(round_)),
-        evolution.temperature_grid,
-        trainer.max_per_prompt,
-        log=context.log.info,
-    )
-    current = float(store.read(round_, "generations")["temperature"][0])
-    temperature, reason = choose_temperature_from_samples(balance, current=current)
-    context.log.info(f"{round_}: next round's temperature: {reason}")
-    return {"next_temperature": temperature, "next_temperature_reason": reason}
-
-
-def round_health(store: RoundStore, round_: str, k: int, target: int) -> dict:
-    """Kept fraction and the B-STaR monitors of the round's train-prompt sampling."""
-    generated, kept = store.read(round_, "generations"), store.read(round_, "filtered")
-    health = monitors.round_monitors(
-        generated, store.read(round_, "critiques"), kept, k=k, target=target
-    )
-    exploration = {f"train_{name}": health.pop(name) for name in monitors.EXPLORATION_COLUMNS}
-    return {
-        "kept": kept.height,
-        "kept_fraction": kept.height / max(generated.height, 1),
-        **exploration,
-        **health,
-    }

@@ -113,12 +113,7 @@ class RoundGraph:
 
     @classmethod
     def of(cls, repository_def: dg.RepositoryDefinition | None) -> "RoundGraph":
-        if repository_def is None:
-            raise SelfImproveError(
-                "The next-round decision needs the code location's definitions to find the "
-                "blocking gates",
-                "in tests, build the context with `dg.build_sensor_context(definitions=defs, ...)`",
-            )
+        blocking = blocking_check_keys(repository_def)  # refuses a missing repository
         graph = repository_def.asset_graph
         upstream: set[dg.AssetKey] = set()
         todo = [EVAL_SCORES] if EVAL_SCORES in graph.materializable_asset_keys else []
@@ -128,7 +123,7 @@ class RoundGraph:
                 if node is not None and node.partitions_def == ROUNDS and parent not in upstream:
                     upstream.add(parent)
                     todo.append(parent)
-        return cls(blocking_check_keys(repository_def), sorted(upstream, key=str))
+        return cls(blocking, sorted(upstream, key=str))
 
     @classmethod
     def from_definitions(

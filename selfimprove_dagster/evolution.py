@@ -447,3 +447,32 @@ def round_temperature(
         return float(monitors["next_temperature"]), monitors["next_temperature_reason"]
     previous_temperature = float(store.read(parent, "generations")["temperature"][0])
     return choose_temperature(monitors, current=previous_temperature)
+
+
+def tune_next_temperature(
+    engine: Any,
+    store: RoundStore,
+    round_: str,
+    *,
+    k: int,
+    sampling: Any,
+    grid: Sequence[float],
+    max_per_prompt: int,
+    tuning_prompts: int,
+    log: Any = print,
+) -> dict[str, Any]:
+    """The next round's temperature, B-STaR style: the balance score of the new
+    checkpoint (`engine`) at each grid temperature on `tuning_prompts` train prompts of
+    `round_`; the argmax wins (ties keep the current temperature). Returns the
+    `eval_scores` columns `next_temperature` and `next_temperature_reason`."""
+    from selfimprove_dagster.evaluation import balance_by_temperature
+    from selfimprove_dagster.methods.star import train_prompts
+
+    train_set = train_prompts(store.read(round_, "prompts")).head(tuning_prompts)
+    balance = balance_by_temperature(
+        engine, train_set, round_, k, sampling, grid, max_per_prompt, log=log
+    )
+    current = float(store.read(round_, "generations")["temperature"][0])
+    temperature, reason = choose_temperature_from_samples(balance, current=current)
+    log(f"{round_}: next round's temperature: {reason}")
+    return {"next_temperature": temperature, "next_temperature_reason": reason}

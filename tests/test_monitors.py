@@ -193,3 +193,20 @@ def test_first_round_has_nothing_to_drop_from():
     gate = monitors.exploration_dropped({"pass_at_k": 0.1}, None, max_drop_fraction=0.25)
     assert gate.passed
     assert "first round" in gate.message
+
+
+def test_critique_rates_read_the_first_critic_only():
+    # The verifier judged 4 samples (one without an answer); a refiner row must not count.
+    frame = pl.DataFrame(
+        {
+            "critic": ["verifier"] * 4 + ["refiner"],
+            "verdict": ["accept", "reject", "reject", "accept", "accept"],
+            "correct": [True, False, False, True, True],
+            "extracted_answer": ["5", "7", None, "5", "5"],
+        }
+    )
+    assert monitors.critique_rates(frame) == {
+        "accept_rate": 0.5,
+        "correct_rate": 0.5,
+        "no_answer_rate": 0.25,
+    }

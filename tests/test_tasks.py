@@ -246,6 +246,21 @@ def test_load_invalid_json_names_line(tmp_path: Path) -> None:
         load_dataset_file(path, None, None, seed=0)
 
 
+def test_load_latin1_file_says_it_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "Combien coûte un café ?", "answer": 2}\n'.encode("latin-1"))
+    with pytest.raises(SelfImproveError, match=r"not UTF-8 text") as err:
+        load_dataset_file(path, None, None, seed=0)
+    assert "iconv" in err.value.fix
+
+
+def test_load_corrupt_parquet_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not a parquet body")
+    with pytest.raises(SelfImproveError, match=r"not a readable Parquet file"):
+        load_dataset_file(path, None, None, seed=0)
+
+
 # --- the real GSM8K test file -------------------------------------------------------
 
 

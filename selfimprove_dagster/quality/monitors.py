@@ -305,3 +305,28 @@ def rl_length_blew_up(
         message,
         {"first_length": first},
     )
+
+
+def critique_rates(frame: pl.DataFrame) -> dict[str, float]:
+    """Accept rate of the first critic, and ground-truth error rates where known."""
+    first = frame.filter(pl.col("critic") == frame["critic"][0]) if frame.height else frame
+    rates = {"accept_rate": float((first["verdict"] == "accept").mean() or 0.0)}
+    if first["correct"].null_count() < first.height:
+        rates["correct_rate"] = float(first["correct"].mean() or 0.0)
+    rates["no_answer_rate"] = float(first["extracted_answer"].is_null().mean() or 0.0)
+    return rates
+
+
+def round_health(
+    generated: pl.DataFrame, critiques: pl.DataFrame, kept: pl.DataFrame, k: int, target: int
+) -> dict[str, Any]:
+    """Kept fraction and the B-STaR monitors of a round's train-prompt sampling, named
+    as `eval_scores` stores them (exploration figures prefixed `train_`)."""
+    health = round_monitors(generated, critiques, kept, k=k, target=target)
+    exploration = {f"train_{name}": health.pop(name) for name in EXPLORATION_COLUMNS}
+    return {
+        "kept": kept.height,
+        "kept_fraction": kept.height / max(generated.height, 1),
+        **exploration,
+        **health,
+    }

@@ -441,7 +441,7 @@ def _read_records(path: Path) -> list[dict]:
             f"dataset file {path} has unsupported extension {suffix or '(none)'!r}",
             f"save it as {' or '.join(SUPPORTED_SUFFIXES)}",
         )
-    records = _read_jsonl(path) if suffix == ".jsonl" else pl.read_parquet(path).to_dicts()
+    records = _read_jsonl(path) if suffix == ".jsonl" else _read_parquet(path)
     if not records:
         raise SelfImproveError(
             f"dataset file {path} is empty", "add rows with a prompt and a numeric answer"
@@ -449,12 +449,29 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        return pl.read_parquet(path).to_dicts()
+    except (pl.exceptions.PolarsError, OSError) as err:
+        raise SelfImproveError(
+            f"dataset file {path} is not a readable Parquet file ({str(err).splitlines()[0]})",
+            "write it again (e.g. with polars' write_parquet), or give a .jsonl file",
+        ) from err
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     # Read line by line rather than with polars: answers may mix numbers and strings,
     # and a broken line should be reported by its line number.
     records = []
     with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+        try:
+            lines = list(enumerate(f, start=1))
+        except UnicodeDecodeError as err:
+            raise SelfImproveError(
+                f"dataset file {path} is not UTF-8 text (byte {err.start}: {err.reason})",
+                "convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)",
+            ) from err
+        for line_number, line in lines:
             if not line.strip():
                 continue
             try:
