@@ -32,7 +32,7 @@ ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
 
 def _run(program: str, tests: list[str] | None = None):
     started = time.monotonic()
-    result = run_program(program, tests or ["assert True"], limits=FAST)
+    result = run_program(program, tests or ["pass  # no tests: only run the program"], limits=FAST)
     assert time.monotonic() - started < 5, "a hostile candidate held the verifier up"
     return result
 
