@@ -4,13 +4,16 @@ the same tokenizer, a scripted (fake) engine for asset plumbing tests, problem t
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 import pytest
 
+from resources import StorageResource
 from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
 from selfimprove_dagster.sources.tasks import make_task
+from selfimprove_dagster.store.storage import RoundStore
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -86,3 +89,23 @@ class ScriptedEngine(GenerationEngine):
 @pytest.fixture
 def problems() -> pl.DataFrame:
     return make_task("addition_2digit", n_train=8, n_eval=6, seed=0)
+
+
+@dataclass(frozen=True)
+class StubStore(RoundStore):
+    """The round store with its checkpoint-chain verdicts set by the test (the real
+    `chain_problem` hashes adapters; sensor and CLI tests have none)."""
+
+    broken: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def chain_problem(self, round_: str) -> str | None:
+        return self.broken.get(round_)
+
+
+# Stub stores by data dir: a resource is rebuilt from its config, so it finds its stub here.
+STORES: dict[str, StubStore] = {}
+
+
+class StubStorageResource(StorageResource):
+    def store(self) -> RoundStore:
+        return STORES[self.data_dir]

@@ -4,8 +4,6 @@ round whose checkpoint chain does not verify, and refreshes promoted_policy/hist
 after each round (15.2). The round job is a stand-in with the real job's name, so a
 round takes a second; the policy assets are the real ones."""
 
-from dataclasses import dataclass, field
-
 import dagster as dg
 import polars as pl
 import pytest
@@ -15,28 +13,10 @@ from assets.policy import POLICY_ASSETS, policy_job
 from resources import StorageResource
 from selfimprove_dagster import cli
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.store.storage import RoundStore
+from tests.conftest import STORES, StubStorageResource, StubStore
 
 GATE = "check_no_regression_eval_scores"
 ACCURACY = {"round_000": (0.1, 0.5), "round_001": (0.5, 0.7), "round_002": (0.7, 0.4)}
-
-
-@dataclass(frozen=True)
-class StubStore(RoundStore):
-    """Checkpoint-chain verdicts set by the test (the real check hashes adapters)."""
-
-    broken: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
-
-    def chain_problem(self, round_: str) -> str | None:
-        return self.broken.get(round_)
-
-
-STORES: dict[str, StubStore] = {}
-
-
-class StubStorageResource(StorageResource):
-    def store(self) -> RoundStore:
-        return STORES[self.data_dir]
 
 
 @dg.asset(partitions_def=ROUNDS, name="eval_scores")

@@ -10,7 +10,6 @@ annotations` here: Dagster validates the `context` type hints of decorated funct
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
@@ -25,8 +24,8 @@ from assets.sensors import (
     round_failure_sensor,
     round_schedule,
 )
-from resources import StorageResource
 from selfimprove_dagster.store.storage import RoundStore
+from tests.conftest import STORES, StubStorageResource, StubStore
 
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
@@ -56,25 +55,6 @@ def stand_in_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult
 stand_in_job = dg.define_asset_job(
     "round_job", selection=[stand_in_checkpoint, stand_in_eval_scores], partitions_def=ROUNDS
 )
-
-
-@dataclass(frozen=True)
-class StubStore(RoundStore):
-    """The round store with its checkpoint-chain verdicts set by the test (the real
-    `chain_problem` hashes adapters; there are none here)."""
-
-    broken: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
-
-    def chain_problem(self, round_: str) -> str | None:
-        return self.broken.get(round_)
-
-
-STORES: dict[str, StubStore] = {}
-
-
-class StubStorageResource(StorageResource):
-    def store(self) -> RoundStore:
-        return STORES[self.data_dir]
 
 
 @pytest.fixture
