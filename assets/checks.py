@@ -36,9 +36,11 @@ def to_check_result(
     )
 
 
-def suite_check(asset: str, table: str, blocking: bool):
+def suite_check(asset: str, table: str, blocking: bool, optional: bool = False):
     """A Great Expectations suite (`expectations.SUITES[table]`) as a check of the table
-    asset `asset` (each table is an asset; checks attach to the table they check)."""
+    asset `asset` (each table is an asset; checks attach to the table they check).
+    `optional`: a table only some rounds write (rollouts: online RL rounds) passes,
+    saying so, in a round that did not write it."""
 
     @dg.asset_check(
         asset=asset,
@@ -50,9 +52,14 @@ def suite_check(asset: str, table: str, blocking: bool):
     def _check(
         context: dg.AssetCheckExecutionContext, storage: StorageResource
     ) -> dg.AssetCheckResult:
-        result = expectations.validate_table(
-            table, storage.store().read(context.partition_key, table)
-        )
+        store = storage.store()
+        if optional and not store.has(context.partition_key, table):
+            return dg.AssetCheckResult(
+                passed=True,
+                severity=ERROR if blocking else WARN,
+                description=f"`{table}`: not written in this round (nothing to check)",
+            )
+        result = expectations.validate_table(table, store.read(context.partition_key, table))
         return dg.AssetCheckResult(
             passed=result.passed,
             severity=ERROR if blocking else WARN,
@@ -254,6 +261,10 @@ def check_length_blowup_eval_scores(
     return to_check_result(monitors.rl_length_blew_up(steps), WARN)
 
 
+# Checks of tables only online RL rounds write: Dagster skips them in other rounds
+# (their asset is not materialized), so a STaR round evaluates the rest.
+RL_ONLY_CHECKS = ("check_schema_rollouts",)
+
 ROUND_CHECKS = [
     suite_check("prompts", "prompts", blocking=True),
     check_unique_prompts,
@@ -276,4 +287,6 @@ ROUND_CHECKS = [
     check_entropy_collapse_eval_scores,
     check_length_blowup_eval_scores,
     suite_check("eval_details", "eval_details", blocking=False),
+    # A record of training (nothing downstream reads it): WARN, like eval_details.
+    suite_check("rollouts", "rollouts", blocking=False, optional=True),
 ]

@@ -38,11 +38,12 @@ from selfimprove_dagster.evolution import (
     round_temperature,
     tune_next_temperature,
 )
-from selfimprove_dagster.methods import grpo, star
+from selfimprove_dagster.methods import consistency, grpo, star
 from selfimprove_dagster.methods import recipe as methods
 from selfimprove_dagster.models import model_ref_identity
 from selfimprove_dagster.profiles import MODEL_POOL
 from selfimprove_dagster.quality import monitors
+from selfimprove_dagster.sources import curriculum, synthesis
 from selfimprove_dagster.sources import mix as prompt_sources
 from selfimprove_dagster.store import schemas
 from selfimprove_dagster.store.storage import RoundStore, round_index
@@ -146,7 +147,9 @@ def _preview(frame: pl.DataFrame, columns: list[str], rows: int = 5) -> dg.Metad
             "prompt_candidates",
             "generate",
             skippable=True,
-            description="Self-Instruct: every synthesized candidate, kept or dropped (why).",
+            description="Every proposed prompt the round did not simply take: Self-Instruct "
+            "candidates, kept or dropped (why); dataset train rows dropped as contaminated "
+            "(drop_reason `contaminated`, with the eval prompt each matched).",
         ),
         _table_spec(
             "curriculum_measure",
@@ -170,17 +173,24 @@ def prompts(
     fixed held-out eval prompts (scored only, never trained on). Self-Instruct writes
     new prompts with the round's policy, and the curriculum measures that policy's
     solve rate per band (every sample to table `curriculum_measure`). Every synthesis
-    candidate, kept or dropped with its reason, goes to table `prompt_candidates`; one
-    row per source to `prompt_mix`.
+    candidate, kept or dropped with its reason, and every dataset train row dropped as
+    contaminated (`drop_contaminated`, with the eval prompt it matched) go to table
+    `prompt_candidates`; one row per source to `prompt_mix`. A method or source mix
+    the round's task types do not support (self_consistency on code, the arithmetic
+    curriculum beside a multiple-choice dataset) fails here, before anything is sampled.
 
     Columns: round, prompt_id, prompt, answer, split (train/eval), task, source, band,
     role (curriculum: chosen/replay/probe), answer_source, answer_verified (False: a
-    model-made answer), origin_round, seed_ids, parent_prompt_ids.
+    model-made answer), origin_round, seed_ids, parent_prompt_ids, and what the row's
+    verifier reads: verifier, choices, tests, test_setup, entry_point.
     """
     store, round_ = storage.store(), context.partition_key
     check_round_order(context)  # a backfill builds each round on a done parent
-    method.recipe()  # an unknown method fails here, before anything is sampled
+    recipe = method.recipe()  # an unknown method fails here, before anything is sampled
     plan = task.plan(generator.max_new_tokens, gates.near_duplicate_threshold)
+    dropped: list[dict] = []  # dataset train rows dropped as contaminated (recorded below)
+    if task.drop_contaminated:
+        plan = replace(plan, load_problems=task.problem_loader(dropped))
 
     def load_policy() -> GenerationEngine:
         policy, _ = round_policy(store, round_, generator.base_model, evolution.policy)
@@ -195,6 +205,14 @@ def prompts(
         context.log.info,
         sampling=generator.sampling(round_index(round_)),
     )
+    # Task types the round's method or sources cannot handle stop here, before sampling.
+    curriculum.check_mix(result.prompts)
+    if recipe.critic == "self_consistency":
+        consistency.check_votable(star.train_prompts(result.prompts))
+    candidates = result.candidates
+    if dropped:  # nothing hidden: each dropped row, with the eval prompt it matched
+        drops = synthesis.contamination_candidates(round_, dropped)
+        candidates = drops if candidates is None else pl.concat([candidates, drops])
     version = _save(
         context,
         store,
@@ -203,14 +221,20 @@ def prompts(
             "prompts": result.prompts,
             prompt_sources.MIX_TABLE: result.mix,
             prompt_sources.MEASURE_TABLE: result.measurements,
-            prompt_sources.CANDIDATES_TABLE: result.candidates,
+            prompt_sources.CANDIDATES_TABLE: candidates,
         },
     )
-    extra = {}
+    extra: dict = {"contaminated_dropped": len(dropped)}
+    if dropped:
+        extra["contaminated_preview"] = _preview(
+            pl.DataFrame(dropped).select(pl.all().cast(pl.String)),
+            ["prompt", "eval_prompt", "match", "similarity"],
+            rows=10,
+        )
     if result.candidates is not None:
-        dropped = result.candidates.filter(~pl.col("kept"))
+        synthesized = result.candidates.filter(~pl.col("kept"))
         extra["dropped_preview"] = _preview(
-            dropped, ["instruction", "drop_reason", "drop_detail"], rows=10
+            synthesized, ["instruction", "drop_reason", "drop_detail"], rows=10
         )
     for line in prompt_sources.describe(result):
         context.log.info(f"{round_}: {line}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -191,23 +192,42 @@ class TaskResource(dg.ConfigurableResource):
             curriculum=curriculum,
             synthesis=synthesis,
             seed_tasks_path=self.seed_tasks_path,
-            # Without `sources`, the round's prompts are `problems()`, as before the sources.
-            fixed_problems=None if self.sources else (lambda n: self.problems()),
+            load_problems=self.problem_loader(),
         )
 
+    def problem_loader(
+        self, dropped: list[dict] | None = None
+    ) -> Callable[[str, int], pl.DataFrame]:
+        """How the `task` / `dataset` prompt source gets its table for n train rows.
+        Without `sources` the round's prompts are `problems()` (the hook a subclass may
+        override); with `sources` each source's share is loaded by `source_problems`, so
+        a dataset in a mix keeps its verifier, answer format and contamination drops."""
+        if not self.sources:
+            return lambda source, n: self.problems() if dropped is None else self.problems(dropped)
+        return lambda source, n: self.source_problems(source, n, dropped)
+
     def problems(self, dropped: list[dict] | None = None) -> pl.DataFrame:
-        """The round's problems in the answer format; contaminated train rows dropped
-        with `drop_contaminated` are appended to `dropped` (and logged)."""
+        """The round's problems (without `sources`: the dataset if one is set, else the
+        built-in task) in the answer format; contaminated train rows dropped with
+        `drop_contaminated` are appended to `dropped` (and logged)."""
+        self.plan()  # validates the prompt sources before anything runs (CLI preflight)
+        source = "dataset" if self.dataset_path else "task"
+        return self.source_problems(source, self.n_train, dropped)
+
+    def source_problems(
+        self, source: str, n_train: int, dropped: list[dict] | None = None
+    ) -> pl.DataFrame:
+        """The `task` or `dataset` source's table with `n_train` train rows, in the
+        answer format, with the `verifier` override and `drop_contaminated` applied."""
         from selfimprove_dagster.sources.answer_format import apply_answer_format, check_format
         from selfimprove_dagster.sources.tasks import load_dataset_file, make_task
 
-        self.plan()  # validates the prompt sources before anything runs (CLI preflight)
         check_format(self.answer_format)
-        if self.dataset_path:
+        if source == "dataset":
             dropped = [] if dropped is None else dropped
             table = load_dataset_file(
                 self.dataset_path,
-                self.n_train,
+                n_train,
                 self.n_eval,
                 self.seed,
                 verifier=self.verifier or None,
@@ -220,5 +240,5 @@ class TaskResource(dg.ConfigurableResource):
                     f"match ({row['similarity']}) of eval row {row['eval_prompt'][:80]!r}"
                 )
         else:
-            table = make_task(self.task, self.n_train, self.n_eval, self.seed)
+            table = make_task(self.task, n_train, self.n_eval, self.seed)
         return apply_answer_format(table, self.answer_format)

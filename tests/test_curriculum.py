@@ -202,3 +202,39 @@ def test_measure_policy_gives_the_policys_own_solve_rate_per_band():
     _, later = cur.measure_policy(BandSkillEngine(), config, 0, 2, held_out, Sampling())
     assert again["prompt"].to_list() == samples["prompt"].to_list()
     assert set(later["prompt"]) != set(samples["prompt"])
+
+
+def test_measure_policy_judges_through_the_families_verifier():
+    # The families are arithmetic: their problems carry the numeric verifier, and the
+    # measurement goes through the dispatch (a GSM8K-style "#### N" reply counts too).
+    assert {family.verifier for family in FAMILIES.values()} == {"numeric"}
+
+    class HashEngine(BandSkillEngine):
+        def generate(self, prompts, n, sampling, log=None, response_prefix=""):
+            out = []
+            for i, prompt in enumerate(prompts):
+                a, b = map(int, re.findall(r"\d+", prompt)[:2])
+                out += [Completion(i, s, f"work...\n#### {a + b}", 9, 6, "stop") for s in range(n)]
+            return out
+
+    config = cur.CurriculumConfig("addition_digits", bands=(1,), measure_per_band=3)
+    rates, _ = cur.measure_policy(HashEngine(), config, 0, 0, set(), Sampling())
+    assert cur.rates_dict(rates) == {1: 1.0}
+
+
+def _mixed(verifiers: dict[str, str | None]) -> pl.DataFrame:
+    """source -> verifier of its rows (one row each)."""
+    return pl.DataFrame(
+        {"source": list(verifiers), "verifier": list(verifiers.values())},
+        schema={"source": pl.String, "verifier": pl.String},
+    )
+
+
+def test_check_mix_refuses_the_curriculum_beside_a_non_numeric_dataset():
+    cur.check_mix(_mixed({"curriculum": None, "task": "numeric", "self_instruct": None}))
+    cur.check_mix(_mixed({"dataset": "multiple_choice"}))  # no curriculum: nothing to mix
+    with pytest.raises(SelfImproveError) as err:
+        cur.check_mix(_mixed({"curriculum": None, "dataset": "multiple_choice"}))
+    text = str(err.value)
+    assert "arithmetic problems" in text and "multiple_choice rows" in text
+    assert "SELFIMPROVE_SOURCES=dataset" in text

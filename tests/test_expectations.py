@@ -10,7 +10,7 @@ import pytest
 from selfimprove_dagster.engines.base import Completion, Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
-from selfimprove_dagster.methods import star
+from selfimprove_dagster.methods import grpo, star
 from selfimprove_dagster.quality.expectations import SUITES, validate_table
 
 MAX_NEW_TOKENS = 16
@@ -61,12 +61,33 @@ def _eval_details() -> pl.DataFrame:
     )
 
 
+def _rollouts() -> pl.DataFrame:
+    # What TRL logged for two optimizer steps of one prompt (2 rollouts each).
+    logged = pl.DataFrame(
+        {
+            "step": [1, 1, 2, 2],
+            "prompt_id": ["p1"] * 4,
+            "prompt": ["What is 10 + 20?"] * 4,
+            "completion": ["30", "31", "30", "30"],
+            "completion_tokens": [2, 2, 2, 2],
+            "correct": [True, False, True, True],
+            "extracted_answer": ["30", "31", "30", "30"],
+            "reference_answer": ["30"] * 4,
+            "reason": ["correct", "wrong_answer", "correct", "correct"],
+            "verifier_reward": [1.0, 0.0, 1.0, 1.0],
+            "advantage": [0.5, -0.5, 0.0, 0.0],
+        }
+    )
+    return grpo.rollout_rows(logged, "round_000", "base", grpo.RLParams(), ["verifier_reward"])
+
+
 CLEAN = {
     "prompts": _prompts,
     "generations": _generations,
     "critiques": _critiques,
     "filtered": _filtered,
     "eval_details": _eval_details,
+    "rollouts": _rollouts,
 }
 
 
@@ -204,6 +225,35 @@ def test_eval_details_with_defects_fail():
         ("expect_column_values_to_not_be_null", "greedy_correct"),
         ("expect_column_values_to_be_between", "pass_at_k"),
     }
+
+
+def test_rollouts_with_defects_fail():
+    frame = _rollouts().with_columns(
+        # Planted: the second rollout reuses the first one's id.
+        generation_id=pl.Series(["g1", "g1", "g3", "g4"]),
+        # Planted: a rollout labelled as an exploration sample.
+        phase=pl.Series(["rollout", "explore", "rollout", "rollout"]),
+        # Planted: step 0 (optimizer steps count from 1).
+        step=pl.Series([0, 1, 2, 2]),
+        # Planted: an infinite reward and a NaN one (pandas reads NaN as null).
+        reward=pl.Series([float("inf"), 0.0, float("nan"), 1.0]),
+    )
+    failed = _failed(validate_table("rollouts", frame))
+    assert set(failed) == {
+        ("expect_column_values_to_be_unique", "generation_id"),
+        ("expect_column_values_to_be_in_set", "phase"),
+        ("expect_column_values_to_be_between", "step"),
+        ("expect_column_values_to_be_between", "reward"),
+        ("expect_column_values_to_not_be_null", "reward"),
+    }
+    assert failed[("expect_column_values_to_be_in_set", "phase")]["examples"] == ["explore"]
+
+
+def test_rollouts_suite_needs_the_rl_columns():
+    # Planted: a generations-shaped frame passed off as rollouts (no phase/step/reward).
+    result = validate_table("rollouts", _generations())
+    missing = {f["column"] for f in result.failures if f["expectation"] == "expect_column_to_exist"}
+    assert {"phase", "step", "reward", "verdict"} <= missing
 
 
 def test_empty_round_validates_its_schema():

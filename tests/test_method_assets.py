@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from assets import ROUND_ASSETS, ROUND_CHECKS
+from assets.checks import RL_ONLY_CHECKS
 from resources import (
     EvolutionResource,
     GatesResource,
@@ -93,7 +94,7 @@ def _assert_clean(results):
         assert result.success
         failed = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
         assert failed == []
-        assert len(result.get_asset_check_evaluations()) == len(ROUND_CHECKS)
+        assert len(result.get_asset_check_evaluations()) == len(ROUND_CHECKS) - len(RL_ONLY_CHECKS)
 
 
 @pytest.fixture(scope="module")

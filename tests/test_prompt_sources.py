@@ -307,3 +307,26 @@ def test_prompts_gates_fail_on_planted_defects():
     lengths = prompt_gates.gate_prompt_lengths(WITH_ISSUES, 8, 2000)
     assert not lengths.passed and lengths.observed == 2  # the empty one and the long one
     assert lengths.details["longest"] == 3000
+
+
+def test_a_dataset_in_a_source_mix_keeps_its_answer_format_and_verifier():
+    # With `sources`, each source's share is loaded through TaskResource.source_problems:
+    # a CommonsenseQA share asks for a rationale and keeps its multiple-choice verifier,
+    # and the built-in task's share keeps the numeric one.
+    from resources.task import TaskResource
+    from tests.conftest import SHARED_DATA
+
+    task = TaskResource(
+        dataset_path=str(SHARED_DATA / "commonsenseqa"),
+        sources=["dataset=0.5", "task=0.5"],
+        answer_format="rationale",
+        n_train=6,
+        n_eval=4,
+    )
+    load = task.plan().load_problems
+    mc, arithmetic = load("dataset", 3), load("task", 3)
+    assert mc.filter(pl.col("split") == "train").height == 3
+    assert set(mc["verifier"]) == {"multiple_choice"}
+    assert all("step by step" in p for p in mc["prompt"])
+    assert all("step by step" in p for p in arithmetic["prompt"])
+    assert "Answer with just the number" not in arithmetic["prompt"][0]

@@ -54,7 +54,7 @@ class BandSkillPolicy(GeneratorResource):
         return BandSkillEngine()
 
 
-def _materialize(data_dir, task: TaskResource, key="round_000", generator=None):
+def _materialize(data_dir, task: TaskResource, key="round_000", generator=None, method=None):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("rounds", [key])
     return dg.materialize(
@@ -66,7 +66,7 @@ def _materialize(data_dir, task: TaskResource, key="round_000", generator=None):
             "task": task,
             "generator": generator or ScriptedPolicy(base_model="scripted"),
             "evolution": EvolutionResource(),
-            "method": MethodResource(),
+            "method": method or MethodResource(),
             "gates": GatesResource(),
         },
         raise_on_error=False,
@@ -186,3 +186,54 @@ def test_contamination_check_blocks_a_train_prompt_copying_an_eval_prompt(tmp_pa
     checks = _checks(result)
     assert checks["check_no_contamination_prompts"] is False
     assert checks["check_unique_prompts"] and checks["check_length_prompts"]
+
+
+def test_contaminated_train_rows_are_dropped_and_recorded(tmp_path):
+    dataset = tmp_path / "problems.jsonl"
+    rows = [
+        {"prompt": "What is 23 + 45?", "answer": 68, "split": "eval"},
+        {"prompt": "What is 11 + 12?", "answer": 23, "split": "eval"},
+        {"prompt": "Q: What is 23 + 45?", "answer": 68, "split": "train"},  # near copy
+        {"prompt": "What is 30 + 31?", "answer": 61, "split": "train"},
+    ]
+    dataset.write_text("\n".join(json.dumps(r) for r in rows))
+    task = TaskResource(dataset_path=str(dataset), n_train=1, n_eval=2, drop_contaminated=True)
+    result = _materialize(tmp_path, task)
+    assert result.success and all(_checks(result).values())  # the gate passes
+    metadata = _metadata(result)
+    assert metadata["contaminated_dropped"] == 1
+    assert "Q: What is 23 + 45?" in metadata["contaminated_preview"]
+    # Nothing hidden: the dropped row is a row of `prompt_candidates`, with its match.
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        dropped = con.execute(
+            "SELECT source, prompt, eval_prompt, answer, kept FROM prompt_candidates "
+            "WHERE drop_reason = 'contaminated'"
+        ).fetchall()
+    assert dropped == [("dataset", "Q: What is 23 + 45?", "What is 23 + 45?", "68", False)]
+
+
+def _code_dataset(path) -> str:
+    rows = [
+        {
+            "text": f"Write a function add{i}(a, b) that returns a + b.",
+            "test_list": [f"assert add{i}(1, 2) == 3"],
+            "test_setup_code": "",
+            "code": f"def add{i}(a, b):\n    return a + b",
+            "split": "train" if i < 2 else "test",
+        }
+        for i in range(4)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_self_consistency_on_code_tasks_fails_before_anything_is_sampled(tmp_path):
+    task = TaskResource(dataset_path=_code_dataset(tmp_path / "mbpp.jsonl"), n_train=2, n_eval=2)
+    result = _materialize(tmp_path, task, method=MethodResource(method="self_consistency"))
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.cause.message
+    assert "self_consistency cannot vote" in message and "SELFIMPROVE_METHOD=star" in message
+    assert not RoundStore(tmp_path).has("round_000", "prompts")  # nothing published
+    # star judges the same rows with their tests: the round starts.
+    assert _materialize(tmp_path, task).success

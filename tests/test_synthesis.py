@@ -260,3 +260,50 @@ def test_candidates_table_round_trips_through_parquet(tmp_path: Path):
     back = pl.read_parquet(tmp_path / "c.parquet")
     assert back.schema == out.schema and back["seed_ids"].to_list() == out["seed_ids"].to_list()
     assert json.dumps(syn.drop_counts(back))  # JSON-able for metadata
+
+
+def test_synthesis_refuses_a_round_scored_on_another_task_type():
+    # Planted: the held-out set is multiple choice; synthesized numeric prompts would
+    # train another task. Refused before the policy writes anything.
+    eval_set = pl.DataFrame(
+        {"prompt": ["Where are books kept?"], "verifier": ["multiple_choice"]},
+    )
+    engine = ScriptedSynthEngine(["How many eyes do 6 owls have?"])
+    with pytest.raises(SelfImproveError) as err:
+        syn.synthesize(engine, SEEDS, [], eval_set, syn.SynthesisConfig(n=1), "round_000")
+    assert "scored on multiple_choice rows" in str(err.value)
+    assert "drop self_instruct from SELFIMPROVE_SOURCES" in str(err.value)
+    assert engine.requests == []
+    # A numeric (or unlabelled: null = numeric) held-out set is fine.
+    syn.check_numeric_round(pl.DataFrame({"verifier": ["numeric", None]}))
+
+
+def test_contamination_drops_are_candidate_rows_with_the_eval_prompt(tmp_path: Path):
+    dropped = [
+        {
+            "prompt": "Q: What is 23 + 45?",
+            "answer": "68",
+            "eval_prompt": "What is 23 + 45?",
+            "match": "near",
+            "similarity": 0.93,
+        }
+    ]
+    rows = syn.contamination_candidates("round_000", dropped)
+    assert rows.schema == pl.Schema(syn.CANDIDATE_SCHEMA)
+    row = rows.row(0, named=True)
+    assert (row["source"], row["kept"], row["drop_reason"]) == ("dataset", False, "contaminated")
+    assert row["eval_prompt"] == "What is 23 + 45?" and row["similarity"] == 0.93
+    assert row["drop_detail"] == "near match (0.93)" and row["answer"] == "68"
+    # They stack under a synthesis's candidates in one table; the pool ignores them.
+    engine = ScriptedSynthEngine(["How many eyes do 6 owls have?"])
+    synthesized = syn.synthesize(
+        engine,
+        SEEDS,
+        [],
+        pl.DataFrame({"prompt": []}),
+        syn.SynthesisConfig(n=1, oversample=1.0),
+        "round_000",
+    )
+    both = pl.concat([synthesized, rows])
+    assert both["source"].to_list() == ["self_instruct", "dataset"]
+    assert syn.drop_counts(both)["surplus"] == 0 and syn.dedup_rate(both) == 0.0

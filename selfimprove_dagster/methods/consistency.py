@@ -9,6 +9,21 @@ recall, the exploitation side of the B-STaR monitors), never to select.
 
     vote = majority_vote(["68", "68", "67", None], threshold=0.5)
     vote.label, vote.votes, vote.agreement  # "68", 2, 0.5
+
+What a vote counts is each sample's answer under its prompt row's verifier
+(`verifier` column; absent: numeric), and which answers are the same:
+
+- numeric: the final number, canonical ("1,234" = "1234.0"); equal strings agree.
+- multiple_choice: the chosen label ("B"); equal labels agree.
+- math: the final answer as math-verify parses it; two answers agree when math-verify
+  finds them equal ("\\frac{1}{2}", "0.5" and "1/2" are one answer). Each sample joins
+  the first earlier class it equals; the class is named by its first answer's LaTeX,
+  which is the pseudo-label (a refined answer is checked against it by the math
+  verifier).
+- code, and custom verifiers: refused when the round starts (`check_votable`). Two
+  programs that differ in text may do the same thing, and the only behaviour we could
+  compare them on is the row's tests, which are the reference: voting by test results
+  is the verifier critic under another name. Use method `star` (or `grpo`).
 """
 
 from __future__ import annotations
@@ -18,10 +33,13 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.methods import critique_rows
-from selfimprove_dagster.verifiers.numeric import extract_answer
+from selfimprove_dagster.verifiers.dispatch import verifier_name
 
 CRITIC = "majority_vote"
+# Verifiers whose answers a majority vote can compare (see the module docstring).
+VOTABLE = ("numeric", "multiple_choice", "math")
 
 
 @dataclass(frozen=True)
@@ -60,22 +78,81 @@ def critique_by_majority(
 ) -> pl.DataFrame:
     """One verdict per generation: accept when its answer is its prompt's pseudo-label.
 
+    Answers are read and compared by the prompt row's verifier (`vote_keys`); ground
+    truth (`correct`) only measures. Prompts whose verifier cannot be voted on (code,
+    custom) are a SelfImproveError (`check_votable`).
+
     Rows: round, generation_id, prompt_id, critic, verdict, correct (ground truth, null
     without a reference), extracted_answer, reference_answer, reason (agrees /
     disagrees / no_answer / no_majority:<vote reason>), score (the share of the
     prompt's samples giving this sample's answer), critique, pseudo_label, agreement.
     """
-    references = dict(zip(prompts["prompt_id"], prompts["answer"], strict=True))
+    sampled = generations["prompt_id"].unique().to_list()
+    check_votable(prompts.filter(pl.col("prompt_id").is_in(sampled)))
+    problem = critique_rows.prompt_rows(prompts)
+    ordered = generations.sort("sample_index")
+    # Ground truth for the whole frame in one batch (measurement only, never the vote).
+    truths = dict(
+        zip(ordered["generation_id"], critique_rows.ground_truths(ordered, prompts), strict=True)
+    )
     rows = []
-    for (prompt_id,), group in generations.sort("sample_index").group_by(
-        "prompt_id", maintain_order=True
-    ):
-        answers = [extract_answer(text) for text in group["completion"]]
-        vote = majority_vote(answers, threshold)
-        shares = Counter(answers)
-        for g, answer in zip(group.iter_rows(named=True), answers, strict=True):
-            rows.append(_row(g, answer, vote, shares, references.get(prompt_id)))
+    for (prompt_id,), group in ordered.group_by("prompt_id", maintain_order=True):
+        row = problem.get(prompt_id) or {"answer": None}
+        keys = vote_keys(group["completion"].to_list(), row)
+        vote = majority_vote(keys, threshold)
+        shares = Counter(keys)
+        for g, key in zip(group.iter_rows(named=True), keys, strict=True):
+            truth = truths[g["generation_id"]]
+            rows.append(_row(g, key, vote, shares, row.get("answer"), truth))
     return pl.DataFrame(rows, schema=CRITIQUE_SCHEMA)
+
+
+def check_votable(prompts: pl.DataFrame) -> None:
+    """A SelfImproveError naming the problem and the fix when some prompt's verifier has
+    no answers a majority vote can compare (code, custom); called when the round starts
+    (the prompts step) and again by the critic."""
+    names = (
+        prompts["verifier"].fill_null("numeric").to_list() if "verifier" in prompts.columns else []
+    )
+    refused = Counter(
+        n for n in (verifier_name({"verifier": v}) for v in names) if n not in VOTABLE
+    )
+    if not refused:
+        return
+    listed = ", ".join(f"{n} prompts use `{name}`" for name, n in refused.items())
+    raise SelfImproveError(
+        f"self_consistency cannot vote on these answers ({listed}): a majority over "
+        "program texts (or a custom verifier's answers, which it only judges) says "
+        "nothing about which answer is right, and comparing programs by their tests "
+        "would be the verifier critic under another name",
+        "use SELFIMPROVE_METHOD=star (or grpo) for code and custom-verifier tasks; "
+        f"self_consistency votes on {', '.join(VOTABLE)} answers",
+    )
+
+
+def vote_keys(completions: list[str], row: dict) -> list[str | None]:
+    """Each sample's answer as the vote counts it (None: no answer), under the prompt
+    row's verifier: equal keys are the same answer (math: math-verify equivalence
+    classes, each named by its first member's LaTeX)."""
+    name = verifier_name(row)
+    if name not in VOTABLE:
+        check_votable(pl.DataFrame({"verifier": [name]}))
+    if name != "math":
+        return [critique_rows.extract_for(text, row) for text in completions]
+    classes: list[tuple[list, str]] = []  # (parsed, latex) of each class's first answer
+    keys: list[str | None] = []
+    for text in completions:
+        answer = critique_rows.math_answer(text)
+        if answer is None:
+            keys.append(None)
+            continue
+        parsed, latex = answer
+        match = next((k for p, k in classes if critique_rows.same_math(p, parsed)), None)
+        if match is None:
+            classes.append((parsed, latex))
+            match = latex
+        keys.append(match)
+    return keys
 
 
 CRITIQUE_SCHEMA = {
@@ -85,7 +162,7 @@ CRITIQUE_SCHEMA = {
 }
 
 
-def _row(g: dict, answer: str | None, vote: Vote, shares: Counter, reference) -> dict:
+def _row(g: dict, answer: str | None, vote: Vote, shares: Counter, reference, truth) -> dict:
     if answer is None:
         reason = "no_answer"
     elif vote.label is None:
@@ -106,6 +183,7 @@ def _row(g: dict, answer: str | None, vote: Vote, shares: Counter, reference) ->
             reason=reason,
             score=shares[answer] / vote.n if answer is not None else 0.0,
             critique=label_text,
+            truth=truth,
         ),
         "pseudo_label": vote.label,
         "agreement": vote.agreement,

@@ -14,6 +14,13 @@ guessed.
 
     parse_judge_score("Score: 4. The answer is right.")  # 4.0
     parse_judge_score("I think it is good")              # None
+
+The judge works for every task type: the rubric asks about the response, not a
+number, and the judge sees the prompt as the policy saw it (with its options, or the
+function to write). Only ground truth, recorded to measure the judge (`correct`,
+`extracted_answer`), depends on the task type: it comes from the prompt row's
+verifier (`critique_rows.ground_truths`: numeric, multiple choice, math, code tests in
+the sandbox, custom), never from the judge's scores.
 """
 
 from __future__ import annotations
@@ -93,8 +100,10 @@ def critique_by_judge(
         _replies=pl.Series(per_answer, dtype=pl.List(pl.String))
     )
     references = dict(zip(prompts["prompt_id"], prompts["answer"], strict=True))
+    scored = keyed.join(judged, on=["prompt_id", "_key"], how="left", maintain_order="left")
+    truths = critique_rows.ground_truths(scored, prompts)  # measurement only
     rows = []
-    for g in keyed.join(judged, on=["prompt_id", "_key"], how="left").iter_rows(named=True):
+    for g, truth in zip(scored.iter_rows(named=True), truths, strict=True):
         scores = [s for s in map(parse_judge_score, g["_replies"]) if s is not None]
         points = sum(scores) / len(scores) if scores else None
         rows.append(
@@ -107,6 +116,7 @@ def critique_by_judge(
                     reason="unparseable" if points is None else "judged",
                     score=None if points is None else points / MAX_POINTS,
                     critique=" | ".join(g["_replies"]),
+                    truth=truth,
                 ),
                 "judge_points": points,
                 "judge_replies": len(g["_replies"]),

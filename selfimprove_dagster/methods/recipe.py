@@ -153,7 +153,7 @@ def critique_round(
             log=log,
         )
         refined = refine.critique_refinements(
-            refinements, _labels(recipe, critiques, prompts), _references(prompts)
+            refinements, _labels(recipe, critiques, prompts), _references(prompts), prompts
         )
         return finish(
             RoundCritiques(pl.concat([critiques, refined], how="diagonal_relaxed"), refinements)

@@ -8,9 +8,11 @@
   policy's own critique of its answer (`templates/self_critique.txt`).
 
 The refined answer is checked by the round's critic (the verifier under `star`, the
-pseudo-label under `self_consistency`). Two numbers say whether self-correction
-works (Yang et al., 2024, "Confidence vs Critique: A Decomposition of Self-Correction
-Capability for LLMs"):
+pseudo-label under `self_consistency`), through the prompt row's own verifier
+(`verifiers.dispatch.verify_row` with the row's `verifier`, `choices`, `tests`, ...:
+numeric, multiple choice, math, code, custom), with the label as the row's answer.
+Two numbers say whether self-correction works (Yang et al., 2024, "Confidence vs
+Critique: A Decomposition of Self-Correction Capability for LLMs"):
 
 - critique half: rejected samples the refinement *repaired*;
 - confidence half: accepted samples (a probe, never trained on) the same refinement
@@ -30,7 +32,7 @@ from selfimprove_dagster.ids import refined_generation_id
 from selfimprove_dagster.methods import critique_rows
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.prompting import load_template, render
-from selfimprove_dagster.verifiers.numeric import verify
+from selfimprove_dagster.verifiers.dispatch import verify_rows
 
 CRITIC = "refiner"
 Feedback = Literal["critic", "self"]
@@ -71,7 +73,12 @@ def select_for_refinement(
 
 
 def critic_feedback(row: dict) -> str:
-    """The critic's message for a rejected sample, without the reference answer."""
+    """The critic's message for a rejected sample, without the reference answer. A code
+    sample (the verifier's critique says "the code fails: ...") is told how it failed
+    (execution feedback, as in Re-ReST), not handed its whole program back."""
+    critique = row.get("critique") or ""
+    if critique.startswith("the code fails"):
+        return f"The code fails: {row['reason']}."
     if row["extracted_answer"] is None:
         return "The reply does not state a final answer."
     if row["reason"] == "disagrees":
@@ -168,19 +175,46 @@ REFINEMENT_SCHEMA = {
 
 
 def critique_refinements(
-    refinements: pl.DataFrame, labels: dict[str, str | None], references: dict[str, object]
+    refinements: pl.DataFrame,
+    labels: dict[str, str | None],
+    references: dict[str, object],
+    prompts: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """The round's critic on each refined answer: accepted when it states the prompt's
-    label (`labels`: the reference under star, the pseudo-label under self-consistency).
+    """The round's critic on each refined answer: accepted when the prompt row's
+    verifier accepts it with the prompt's label as the answer (`labels`: the reference
+    under star, the pseudo-label under self-consistency; a code row's tests decide).
+
+    `prompts` gives each prompt's verifier columns (`verifier`, `choices`, `tests`,
+    `test_setup`, `entry_point`); without it every row is numeric.
 
     Rows (the critiques schema, critic "refiner"): verdict, correct (ground truth),
     reason = outcome (repaired / still_rejected for rejected samples; kept / broken for
     the probe), score (1/0), critique = the feedback the refinement was given.
     """
+    problem = critique_rows.prompt_rows(prompts) if prompts is not None else {}
+    items = list(refinements.iter_rows(named=True))
+    rows_of = [problem.get(r["prompt_id"], {}) for r in items]
+    # The accept check: the row's verifier, the label standing in for the answer.
+    checked = [
+        i for i, r in enumerate(items) if _label_given(labels.get(r["prompt_id"]), rows_of[i])
+    ]
+    verdicts = verify_rows(
+        [items[i]["completion"] for i in checked],
+        [{**rows_of[i], "answer": labels.get(items[i]["prompt_id"])} for i in checked],
+    )
+    accepted_at = {i for i, v in zip(checked, verdicts, strict=True) if v.correct}
+    # Ground truth (measurement only): the row's verifier against the reference.
+    truths = critique_rows.truths_for(
+        [r["completion"] for r in items],
+        [
+            {**row, "answer": references.get(r["prompt_id"])}
+            for r, row in zip(items, rows_of, strict=True)
+        ],
+    )
     rows = []
-    for r in refinements.iter_rows(named=True):
-        label, reference = labels.get(r["prompt_id"]), references.get(r["prompt_id"])
-        accepted = label is not None and verify(r["completion"], label).correct
+    for i, r in enumerate(items):
+        reference = references.get(r["prompt_id"])
+        accepted = i in accepted_at
         if r["probe"]:
             outcome = "kept" if accepted else "broken"
         else:
@@ -194,9 +228,15 @@ def critique_refinements(
                 reason=outcome,
                 score=1.0 if accepted else 0.0,
                 critique=r["feedback"],
+                truth=truths[i],
             )
         )
     return pl.DataFrame(rows, schema=critique_rows.CRITIQUE_SCHEMA)
+
+
+def _label_given(label: object, row: dict) -> bool:
+    # A code row is judged by its tests: its label (the reference program) may be empty.
+    return label is not None or (row.get("verifier") == "code" and bool(row.get("tests")))
 
 
 def refinement_stats(critiques: pl.DataFrame) -> dict[str, float | int | None]:

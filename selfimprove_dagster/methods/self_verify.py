@@ -102,8 +102,9 @@ def critique_by_likelihood(
         .cast(pl.Int64)
     )
     references = dict(zip(prompts["prompt_id"], prompts["answer"], strict=True))
+    truths = critique_rows.ground_truths(scored, prompts)  # measured, never a training signal
     rows = []
-    for g in scored.iter_rows(named=True):
+    for g, truth in zip(scored.iter_rows(named=True), truths, strict=True):
         picked = g["likelihood_rank"] == 1 and g["mean_logprob"] is not None
         lp = g["mean_logprob"]
         reason = "empty" if lp is None else "best_likelihood" if picked else "lower_likelihood"
@@ -119,6 +120,7 @@ def critique_by_likelihood(
                     critique=f"mean token log-prob {lp:.3f} (rank {g['likelihood_rank']})"
                     if lp is not None
                     else "empty completion",
+                    truth=truth,
                 ),
                 "mean_logprob": lp,
                 "likelihood_rank": g["likelihood_rank"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import polars as pl
 
 from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
+from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import content_hash, generation_id
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.verifiers.dispatch import verify_rows
@@ -90,26 +91,23 @@ def critique_generations(generations: pl.DataFrame, prompts: pl.DataFrame) -> pl
 
     Rows are grouped by verifier: numeric and multiple-choice groups are judged as
     whole frames (`verify_frame`, Polars expressions), the others through
-    `verifiers.dispatch.verify_rows` (the code sandbox runs in parallel).
+    `verifiers.dispatch.verify_rows` (the code sandbox runs in parallel). What depends
+    only on the prompt (the canonical reference number, the choices and the correct
+    label) is worked out once per prompt, before the join with the generations.
     """
-    rows = judge_rows(generations, prompts).with_row_index("_order")
-    kinds = rows.get_column("verifier").fill_null("numeric") if "verifier" in rows.columns else None
-    groups = (
-        [("numeric", rows)]
-        if kinds is None
-        else list(
-            rows.with_columns(_kind=kinds)
-            .partition_by("_kind", as_dict=True, include_key=False)
-            .items()
-        )
+    answers, choices = _prompt_answers(prompts)
+    kinds = answers["_kind"].unique()
+    if kinds.len() == 1 and kinds[0] == "numeric":
+        # One verifier (a generation without a prompt row is numeric, too): no split.
+        rows = _joined(generations, answers.select("prompt_id", "answer", "_reference"))
+        return _critique_columns(_judge_group("numeric", rows, choices))
+    rows = _joined(generations, answers).with_row_index("_order")
+    groups = rows.with_columns(_kind=pl.col("_kind").fill_null("numeric")).partition_by(
+        "_kind", as_dict=True, include_key=False
     )
-    judged = [
-        _judge_group(name[0] if isinstance(name, tuple) else name, part) for name, part in groups
-    ]
-    out = (
-        pl.concat(judged, how="vertical_relaxed").sort("_order") if judged else _judged_empty(rows)
-    )
-    return _critique_columns(out)
+    judged = [_judge_group(str(name[0]), part, choices) for name, part in groups.items()]
+    out = pl.concat(judged, how="vertical_relaxed").sort("_order") if judged else None
+    return _critique_columns(_judged_empty(rows) if out is None else out.drop("_order"))
 
 
 def judge_rows(generations: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
@@ -117,37 +115,88 @@ def judge_rows(generations: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame
     verifier columns (in generation order)."""
     extra = [c for c in VERIFIER_COLUMNS if c in prompts.columns]
     answers = prompts.select("prompt_id", "answer", *extra).unique("prompt_id", keep="first")
+    return _joined(generations, answers)
+
+
+def _joined(generations: pl.DataFrame, answers: pl.DataFrame) -> pl.DataFrame:
     return generations.select("round", "generation_id", "prompt_id", "completion").join(
         answers, on="prompt_id", how="left", maintain_order="left"
     )
 
 
-def _judge_group(name: str, part: pl.DataFrame) -> pl.DataFrame:
-    """`part` with extracted, correct, reason and `_code` (the verdict is a program's)."""
-    keep = ["_order", "round", "generation_id", "prompt_id", "answer"]
+def _prompt_answers(
+    prompts: pl.DataFrame,
+) -> tuple[pl.DataFrame, dict[str, dict[str, str]]]:
+    """One row per prompt: answer, the verifier columns, and what the vectorized
+    verifiers read: `_kind` (the verifier), `_reference` (numeric: the canonical
+    number), `_label` (multiple choice: the correct label); and the parsed choices of
+    the multiple-choice prompts by prompt id. A prompt whose reference is unusable gets
+    a null here; the error is raised only if a generation needs it."""
+    from selfimprove_dagster.verifiers import multiple_choice, numeric
+
+    extra = [c for c in VERIFIER_COLUMNS if c in prompts.columns]
+    answers = prompts.select("prompt_id", "answer", *extra).unique("prompt_id", keep="first")
+    kind = pl.col("verifier").fill_null("numeric") if "verifier" in extra else pl.lit("numeric")
+    answers = answers.with_columns(_kind=kind)
+    reference = pl.repeat(None, answers.height, dtype=pl.String, eager=True).alias("_reference")
+    numeric_rows = answers["_kind"] == "numeric"
+    if numeric_rows.any():
+        picked = answers["answer"].filter(numeric_rows)
+        reference = reference.scatter(
+            numeric_rows.arg_true(), numeric.references(picked, strict=False)
+        )
+    label = pl.repeat(None, answers.height, dtype=pl.String, eager=True).alias("_label")
+    choices: dict[str, dict[str, str]] = {}
+    choice_rows = answers["_kind"] == "multiple_choice"
+    if choice_rows.any():
+        picked = answers.filter(choice_rows)
+        labels = []
+        for prompt, answer, options in zip(
+            picked["prompt_id"], picked["answer"], picked["choices"], strict=True
+        ):
+            try:
+                choices[prompt] = multiple_choice.choice_map(options)
+                labels.append(multiple_choice.reference_label(answer, choices[prompt]))
+            except SelfImproveError:
+                labels.append(None)
+        label = label.scatter(choice_rows.arg_true(), pl.Series(labels, dtype=pl.String))
+    return answers.with_columns(reference, label), choices
+
+
+def _judge_group(name: str, part: pl.DataFrame, choices: dict[str, dict[str, str]]) -> pl.DataFrame:
+    """`part` with extracted, correct, reason and `_code` (the verdict is a program's);
+    `choices`: the parsed choices of the multiple-choice prompts (`_prompt_answers`)."""
+    keep = [c for c in ("_order", "round", "generation_id", "prompt_id", "answer") if c in part]
     if name == "numeric":
-        from selfimprove_dagster.verifiers.numeric import verify_frame
+        from selfimprove_dagster.verifiers.numeric import references, verify_frame
 
-        judged = verify_frame(part.select(*keep, "completion"))
+        unusable = part["_reference"].is_null()
+        if unusable.any():
+            references(part["answer"].filter(unusable))  # raises the reference's error
+        judged = verify_frame(part.select(*keep, "completion", "_reference"), "_reference")
     elif name == "multiple_choice":
-        import json
-
         from selfimprove_dagster.verifiers.multiple_choice import (
             choice_map,
             reference_label,
             verify_frame,
         )
 
-        choices = [choice_map(json.loads(c) if isinstance(c, str) else c) for c in part["choices"]]
-        labels = [reference_label(a, c) for a, c in zip(part["answer"], choices, strict=True)]
+        # The correct label and the parsed choices were worked out once per prompt
+        # (`_prompt_answers`); Python reads the choices only for the rows that need
+        # the option-text search.
+        unusable = part["_label"].is_null()
+        if unusable.any():
+            row = part.filter(unusable).row(0, named=True)
+            reference_label(row["answer"], choice_map(row["choices"]))  # raises its error
         judged = verify_frame(
-            part.select(*keep, "completion").with_columns(
-                answer=pl.Series(labels, dtype=pl.String)
-            ),
-            choices,
+            part.select(*keep, "completion").with_columns(answer=part["_label"]),
+            choices_by_prompt=choices,
         )
     else:
-        verdicts = verify_rows(part["completion"].to_list(), part.drop("completion").to_dicts())
+        verdicts = verify_rows(
+            part["completion"].to_list(),
+            part.drop("completion", "_kind", "_reference", "_label", strict=False).to_dicts(),
+        )
         judged = part.select(*keep).with_columns(
             extracted=pl.Series([_short_extracted(v) for v in verdicts], dtype=pl.String),
             correct=pl.Series([v.correct for v in verdicts], dtype=pl.Boolean),
@@ -175,16 +224,20 @@ def _critique_columns(judged: pl.DataFrame) -> pl.DataFrame:
         pl.when(pl.col("correct")).then(pl.lit("matches")).otherwise(pl.lit("does not match"))
     )
     message = (
-        pl.when(pl.col("_code") & pl.col("correct"))
-        .then(pl.lit("the code passes all tests"))
-        .when(pl.col("_code"))
-        .then(pl.format("the code fails: {}", pl.col("reason")))
-        .when(pl.col("extracted").is_null())
+        pl.when(pl.col("extracted").is_null())
         .then(pl.format("no final answer found; reference {}", reference))
         .otherwise(
             pl.format("answer {} {} the reference {}", pl.col("extracted"), relation, reference)
         )
     )
+    if judged["_code"].any():  # every branch is built for every row: only when needed
+        message = (
+            pl.when(pl.col("_code") & pl.col("correct"))
+            .then(pl.lit("the code passes all tests"))
+            .when(pl.col("_code"))
+            .then(pl.format("the code fails: {}", pl.col("reason")))
+            .otherwise(message)
+        )
     return judged.select(
         "round",
         "generation_id",
@@ -284,20 +337,32 @@ def filter_accepted(
         candidates.append(
             refinements.select(*columns, source=source, hint_used=hint.cast(pl.String))
         )
-    accepted = pl.concat(candidates).join(
+    # The steps below move only the columns they read (and the row number); the wide
+    # columns (prompt, round, hint) are gathered once, for the rows kept.
+    every = pl.concat(candidates).with_row_index("_row")
+    accepted = every.select(
+        "_row", "generation_id", "prompt_id", "sample_index", "source", "completion"
+    ).join(
         critiques.filter(pl.col("verdict") == "accept").select("generation_id"),
         on="generation_id",
         how="semi",
     )
-    return (
+    # After the sort a prompt's rows are contiguous, so the rank within the prompt is
+    # the row's distance from the prompt's first row (the same as a window per prompt,
+    # without hashing the prompt ids again); `is_first_distinct` is `unique(keep=
+    # "first", maintain_order=True)` as a filter.
+    index = pl.int_range(pl.len(), dtype=pl.UInt32)
+    starts = (index == 0) | pl.col("prompt_id").ne_missing(pl.col("prompt_id").shift(1))
+    rank = index - pl.when(starts).then(index).forward_fill()
+    kept = (
         accepted.sort("prompt_id", pl.col("source") != "generated", "sample_index")
-        .with_columns(_normalized=pl.col("completion").str.strip_chars().str.to_lowercase())
-        .unique(subset=["prompt_id", "_normalized"], keep="first", maintain_order=True)
-        .filter(pl.int_range(pl.len()).over("prompt_id") < max_per_prompt)
-        .select(
-            "round", "generation_id", "prompt_id", "prompt", "completion", "source", "hint_used"
-        )
+        .select("_row", "prompt_id", pl.col("completion").str.strip_chars().str.to_lowercase())
+        .filter(pl.struct("prompt_id", "completion").is_first_distinct())
+        .filter(rank < max_per_prompt)
     )
+    return every.select(
+        "round", "generation_id", "prompt_id", "prompt", "completion", "source", "hint_used"
+    )[kept["_row"]]
 
 
 def training_examples(filtered: pl.DataFrame) -> list[dict[str, str]]:

@@ -141,12 +141,40 @@ def eval_details_suite(**bounds: Any) -> list:
     ]
 
 
+# Rewards and advantages are finite: |x| below this (GE has no isfinite; pandas reads
+# NaN as null, so the not-null expectation catches NaN and this bound catches inf).
+FINITE_BOUND = 1e12
+
+
+def rollouts_suite(**bounds: Any) -> list:
+    """Online RL rollouts (`methods.grpo.rollout_rows`): one row per rollout, id unique,
+    phase `rollout`, optimizer step >= 1, a verdict, reward and advantage finite."""
+    import great_expectations.expectations as gxe
+
+    return [
+        *_exist(gxe, *required_columns("rollouts")),
+        *_not_null(gxe, "generation_id", "prompt_id", "completion", "step", "reward"),
+        gxe.ExpectColumnValuesToBeUnique(column="generation_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="phase", value_set=["rollout"]),
+        gxe.ExpectColumnValuesToBeBetween(column="step", min_value=1),
+        gxe.ExpectColumnValuesToBeInSet(column="verdict", value_set=["accept", "reject"]),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="reward", min_value=-FINITE_BOUND, max_value=FINITE_BOUND
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="advantage", min_value=-FINITE_BOUND, max_value=FINITE_BOUND
+        ),
+        gxe.ExpectColumnValuesToBeBetween(column="score", min_value=0, max_value=1),
+    ]
+
+
 SUITES: dict[str, Callable[..., list]] = {
     "prompts": prompts_suite,
     "generations": generations_suite,
     "critiques": critiques_suite,
     "filtered": filtered_suite,
     "eval_details": eval_details_suite,
+    "rollouts": rollouts_suite,
 }
 
 

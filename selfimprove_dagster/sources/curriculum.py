@@ -27,6 +27,15 @@ round the curriculum
 The held-out set is fixed across rounds (`eval_bands`, drawn once from the seed):
 only the train prompts move, so accuracy before -> after stays comparable.
 
+The curriculum is arithmetic: its bands come from the generators of a task family
+(`tasks.FAMILIES`: addition by digits, by operands), and those write numeric problems.
+Answers are judged through the verifier dispatch with the family's verifier (numeric),
+as every critic judges a row; solve rates from round N−1 read the critiques' `correct`,
+which the round's verifier wrote per row. A dataset of another task type cannot be
+banded (it has no difficulty generator), and mixing the arithmetic curriculum with
+one would blend two tasks in one held-out accuracy, so `check_mix` refuses a round
+whose other sources give non-numeric rows.
+
     rates, samples = measure_policy(engine, config, seed, round_number, exclude, sampling)
     band, reason = choose_band(rates_dict(rates), bands=(1, 2, 3), target=0.5)
     rows = draw_train(family, band, bands, n=200, replay_fraction=0.2, probe_per_band=8, ...)
@@ -45,7 +54,7 @@ from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.sources.tasks import FAMILIES, TaskFamily, draw_problems, problem_key
-from selfimprove_dagster.verifiers.numeric import verify
+from selfimprove_dagster.verifiers.dispatch import verifier_name, verify_rows
 
 # Why a train row of a curriculum round is there.
 ROLE_CHOSEN, ROLE_REPLAY, ROLE_PROBE = "chosen", "replay", "probe"
@@ -179,6 +188,10 @@ def measure_policy(
     completions = engine.generate(
         [p for p, _, _ in problems], config.measure_samples, sampling, log=log
     )
+    verdicts = verify_rows(
+        [c.text for c in completions],
+        [{"answer": problems[c.prompt_index][1], "verifier": family.verifier} for c in completions],
+    )
     samples = pl.DataFrame(
         [
             {
@@ -188,9 +201,9 @@ def measure_policy(
                 "answer": problems[c.prompt_index][1],
                 "sample_index": c.sample_index,
                 "completion": c.text,
-                "correct": verify(c.text, problems[c.prompt_index][1]).correct,
+                "correct": verdict.correct,
             }
-            for c in completions
+            for c, verdict in zip(completions, verdicts, strict=True)
         ],
         schema={
             "band": pl.Int64,
@@ -203,6 +216,32 @@ def measure_policy(
         },
     )
     return solve_rates(samples.select("prompt_id", "band"), samples), samples
+
+
+def check_mix(prompts: pl.DataFrame) -> None:
+    """A SelfImproveError when the round's prompts mix the (numeric) curriculum with
+    rows of another verifier (multiple choice, math, code, custom): one held-out
+    accuracy would then average two tasks, and the other task cannot be banded."""
+    if "source" not in prompts.columns or "verifier" not in prompts.columns:
+        return
+    if prompts.filter(pl.col("source") == "curriculum").height == 0:
+        return
+    others = sorted(
+        {
+            verifier_name({"verifier": v})
+            for v in prompts.filter(pl.col("source") != "curriculum")["verifier"].to_list()
+        }
+        - {"numeric"}
+    )
+    if others:
+        raise SelfImproveError(
+            f"the curriculum draws arithmetic problems (numeric answers), but the round's "
+            f"other prompt sources give {', '.join(others)} rows: the held-out accuracy "
+            "would average two different tasks, and those rows have no difficulty bands",
+            "run the curriculum on its own or with numeric sources (SELFIMPROVE_SOURCES="
+            "curriculum, or curriculum=0.7,self_instruct=0.3), and train the "
+            f"{', '.join(others)} dataset in a run of its own (SELFIMPROVE_SOURCES=dataset)",
+        )
 
 
 def rates_dict(rates: pl.DataFrame) -> dict[int, float]:

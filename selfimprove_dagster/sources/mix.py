@@ -84,9 +84,10 @@ class PromptPlan:
     curriculum: cur.CurriculumConfig | None = None
     synthesis: syn.SynthesisConfig | None = None  # its `n` is set per round from weights
     seed_tasks_path: str = ""
-    # The task / dataset source's problem table for n train rows, when the caller has
-    # its own (`TaskResource.problems`, which a subclass may override); else built here.
-    fixed_problems: Callable[[int], pl.DataFrame] | None = None
+    # The `task` / `dataset` source's problem table for n train rows, (source, n) -> table,
+    # when the caller has its own (`TaskResource.problem_loader`: answer format, verifier
+    # override, contamination drops); else built here from the fields above.
+    load_problems: Callable[[str, int], pl.DataFrame] | None = None
 
 
 @dataclass
@@ -254,8 +255,8 @@ def problem_rows(
 def _task(plan: PromptPlan, n: int, store: RoundStore, round_: str):
     from selfimprove_dagster.sources.tasks import make_task
 
-    if plan.fixed_problems is not None:
-        table = plan.fixed_problems(n)
+    if plan.load_problems is not None:
+        table = plan.load_problems("task", n)
     else:
         table = make_task(plan.task, n, plan.n_eval, plan.seed)
     rows = list(zip(table["prompt"], table["answer"], table["split"], strict=True))
@@ -271,8 +272,8 @@ def _dataset(plan: PromptPlan, n: int, store: RoundStore, round_: str):
         raise SelfImproveError(
             "the `dataset` prompt source has no file", "set SELFIMPROVE_DATASET_PATH"
         )
-    if plan.fixed_problems is not None:
-        table = plan.fixed_problems(n)
+    if plan.load_problems is not None:
+        table = plan.load_problems("dataset", n)
     else:
         table = load_dataset_file(plan.dataset_path, n, plan.n_eval, plan.seed)
     rows = list(zip(table["prompt"], table["answer"], table["split"], strict=True))

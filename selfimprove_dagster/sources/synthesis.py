@@ -34,8 +34,20 @@ template asks for tasks with a numeric answer, and the ensemble compares the sam
 final numbers (ROUGE-L between one-number strings is exact match, so the consensus is
 the majority answer and the agreement the share of other samples that give it).
 
+Only numeric tasks are synthesized. A round whose held-out set is another task type
+(multiple choice, math, code, custom verifier) is refused before anything is sampled
+(`check_numeric_round`): a numeric synthesized prompt would train a different task
+than the one the round is scored on, and synthesizing prompts of those types needs
+what the consensus cannot give (option sets with one right label, tests for a
+program). Mix self_instruct with numeric sources only (task, curriculum, a numeric
+dataset).
+
 Every candidate row records its provenance (`seed_ids`, `parent_prompt_ids`) and, when
 dropped, the reason. `synthesize` returns all candidates; kept ones become prompts.
+The same table also holds the dataset train rows dropped at load time as
+contaminated (`contamination_candidates`: source `dataset`, drop reason
+`contaminated`, the eval prompt each matched), so every prompt a source proposed and
+the round did not use is one query away.
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ from selfimprove_dagster.ids import prompt_id
 from selfimprove_dagster.progress import LogFn
 from selfimprove_dagster.prompting import load_template, render
 from selfimprove_dagster.sources import rouge
+from selfimprove_dagster.verifiers.dispatch import verifier_name
 from selfimprove_dagster.verifiers.numeric import extract_answer
 
 # Self-Instruct's keyword filter: things a text-only model cannot see or produce.
@@ -76,6 +89,8 @@ NEAR_DUPLICATE = "near_duplicate"
 EVAL_OVERLAP = "eval_overlap"
 LOW_AGREEMENT = "low_agreement"
 NOT_NUMERIC = "answer_not_numeric"
+# Not a synthesis filter: a dataset train row dropped at load time (`contamination_candidates`).
+CONTAMINATED = "contaminated"
 DROP_REASONS = (
     UNPARSEABLE, TOO_SHORT, TOO_LONG, BLACKLISTED, NEAR_DUPLICATE, EVAL_OVERLAP,
     LOW_AGREEMENT, NOT_NUMERIC,
@@ -99,6 +114,9 @@ CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
     "consensus_output": pl.String(),
     "agreement": pl.Float64(),  # mean ROUGE-L of the consensus sample to the others
     "answer": pl.String(),  # the consensus's number (the model-made label)
+    "source": pl.String(),  # who proposed it: self_instruct, or dataset (contaminated rows)
+    "eval_prompt": pl.String(),  # eval_overlap / contaminated: the held-out prompt matched
+    "similarity": pl.Float64(),  # contaminated: similarity to that eval prompt (1.0: exact)
 }
 
 
@@ -286,9 +304,11 @@ def synthesize(
     round_: str,
     log: LogFn | None = None,
 ) -> pl.DataFrame:
-    """Candidates of one round's synthesis, kept and dropped (`CANDIDATE_SCHEMA`)."""
+    """Candidates of one round's synthesis, kept and dropped (`CANDIDATE_SCHEMA`).
+    A non-numeric held-out set is refused first (`check_numeric_round`)."""
     from selfimprove_dagster.quality.gates import gate_no_contamination
 
+    check_numeric_round(eval_prompts)
     say = log or (lambda _: None)
     rng = random.Random(f"self_instruct:{round_}:{config.seed}")
     index = DedupIndex()
@@ -381,7 +401,56 @@ def _candidate(round_: str, pass_index: int, number: int, request: dict, text: s
         "consensus_output": None,
         "agreement": None,
         "answer": None,
+        "source": "self_instruct",
+        "eval_prompt": None,
+        "similarity": None,
     }
+
+
+def check_numeric_round(eval_prompts: pl.DataFrame) -> None:
+    """A SelfImproveError when the round's held-out rows are not numeric: Self-Instruct
+    here writes numeric tasks only (see the module docstring)."""
+    if "verifier" not in eval_prompts.columns:
+        return
+    kinds = sorted(
+        {verifier_name({"verifier": v}) for v in eval_prompts["verifier"].to_list()} - {"numeric"}
+    )
+    if kinds:
+        raise SelfImproveError(
+            f"self_instruct synthesizes numeric tasks, but this round is scored on "
+            f"{', '.join(kinds)} rows: the synthesized prompts would train another task "
+            "than the held-out set measures",
+            "drop self_instruct from SELFIMPROVE_SOURCES for this dataset, or use it with "
+            "numeric sources only (task, curriculum, or a dataset with numeric answers)",
+        )
+
+
+def contamination_candidates(round_: str, dropped: Sequence[dict]) -> pl.DataFrame:
+    """Dataset train rows dropped at load time as contaminated (`tasks.load_dataset_file(
+    ..., drop_contaminated=True, dropped=[...])`) as `prompt_candidates` rows: source
+    `dataset`, kept False, drop_reason `contaminated`, drop_detail the match ("near
+    match (0.95)"), eval_prompt and similarity of the held-out prompt each matched."""
+    rows = [
+        {
+            "round": round_,
+            "candidate_id": f"{round_}:dataset:{i}",
+            "raw_text": d["prompt"],
+            "prompt": d["prompt"],
+            "prompt_id": prompt_id(d["prompt"]),
+            "seed_ids": [],
+            "parent_prompt_ids": [],
+            "kept": False,
+            "drop_reason": CONTAMINATED,
+            "drop_detail": f"{d.get('match', 'near')} match ({d.get('similarity')})",
+            "samples": [],
+            "answer": None if d.get("answer") is None else str(d["answer"]),
+            "source": "dataset",
+            "eval_prompt": d["eval_prompt"],
+            "similarity": d.get("similarity"),
+        }
+        for i, d in enumerate(dropped)
+    ]
+    return pl.DataFrame(rows, schema=CANDIDATE_SCHEMA)
 
 
 def _filter(row: dict, index: DedupIndex, eval_prompts, config, gate) -> None:
@@ -403,8 +472,10 @@ def _filter(row: dict, index: DedupIndex, eval_prompts, config, gate) -> None:
             pl.DataFrame({"prompt": [row["prompt"]]}), eval_prompts, config.contamination_threshold
         )
         if not result.passed:
+            match = result.details["contaminated_prompts"][0]
             row["drop_reason"] = EVAL_OVERLAP
-            row["drop_detail"] = result.details["contaminated_prompts"][0]["eval_prompt"]
+            row["drop_detail"] = row["eval_prompt"] = match["eval_prompt"]
+            row["similarity"] = match.get("similarity")
 
 
 def _judge_ensemble(row: dict, samples: list[str], config: SynthesisConfig) -> None:

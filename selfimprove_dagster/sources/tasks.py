@@ -141,6 +141,7 @@ class TaskFamily:
     name: str
     bands: dict[int, Callable[[random.Random], tuple[str, str]]]
     band_names: dict[int, str]  # what a band means, for metadata and the README
+    verifier: str = "numeric"  # the verifier that judges its problems (all arithmetic)
 
 
 FAMILIES: dict[str, TaskFamily] = {
@@ -263,8 +264,10 @@ def load_dataset_file(
 
     `drop_contaminated`: train rows that near-duplicate an eval row (the test of the
     `check_no_contamination_prompts` gate, at `contamination_threshold`) are dropped
-    here instead of blocking the round; each is appended to `dropped` (when given) with
-    the eval prompt it matched, so the caller can record them.
+    here instead of blocking the round; each is appended to `dropped` (when given) as
+    {prompt, answer, eval_prompt, match ("exact"/"near"), similarity}, so the caller can
+    record them (the prompts step writes them to `prompt_candidates`, drop reason
+    `contaminated`).
     """
     path = Path(path)
     _check_optional_count("n_train", n_train)
@@ -360,8 +363,15 @@ def _finish(path, train, eval_, counts, task, contamination):
             [r["prompt"] for r in train], [r["prompt"] for r in eval_], threshold
         )
         if dropped_out is not None:
+            answers = {r["prompt"]: r.get("answer") for r in train}
             dropped_out.extend(
-                {"prompt": text, "eval_prompt": e, "match": kind, "similarity": round(ratio, 3)}
+                {
+                    "prompt": text,
+                    "answer": answers.get(text),
+                    "eval_prompt": e,
+                    "match": kind,
+                    "similarity": round(ratio, 3),
+                }
                 for text, (e, kind, ratio) in matches.items()
             )
         train = [r for r in train if r["prompt"] not in matches]

@@ -157,17 +157,22 @@ def label_expr(completion: pl.Expr) -> pl.Expr:
 
 
 def verify_frame(
-    frame: pl.DataFrame, choices: list[Mapping[str, str]] | None = None
+    frame: pl.DataFrame,
+    choices: list[Mapping[str, str]] | None = None,
+    choices_by_prompt: Mapping[str, Mapping[str, str]] | None = None,
 ) -> pl.DataFrame:
     """Vectorized verdicts for a frame with `completion` and `answer` (the correct label).
 
     Returns the frame with `extracted`, `correct` and `reason`. Rows where no label rule
-    matches fall back to the option-text search when `choices` (one mapping per row) are
-    given; label rules ignore labels outside a row's choices only on that fallback path.
+    matches fall back to the option-text search when `choices` (one mapping per row) or
+    `choices_by_prompt` (one mapping per `prompt_id` of the frame) are given; label
+    rules ignore labels outside a row's choices only on that fallback path.
     """
     out = frame.with_columns(extracted=label_expr(pl.col("completion")))
     if choices is not None:
         out = _fallback_to_text(out, choices)
+    elif choices_by_prompt is not None:
+        out = _fallback_by_prompt(out, choices_by_prompt)
     return out.with_columns(
         correct=pl.col("extracted").is_not_null() & (pl.col("extracted") == pl.col("answer")),
         reason=pl.when(pl.col("extracted").is_null())
@@ -195,16 +200,72 @@ def _fallback_to_text(frame: pl.DataFrame, choices: list[Mapping[str, str]]) -> 
     return frame.with_columns(extracted=pl.Series(extracted, dtype=pl.String))
 
 
+def _fallback_by_prompt(
+    frame: pl.DataFrame, choices_by_prompt: Mapping[str, Mapping[str, str]]
+) -> pl.DataFrame:
+    # `_fallback_to_text` with the per-row tests in Polars. A row needs Python when it
+    # has a label outside its prompt's labels ("|A|B|C|" lacks "|F|"): `extract_choice`
+    # with the choices, whose label rules skip such labels. A row without any label
+    # has, in `extract_choice`, no answer phrase, no box, no bare label and not exactly
+    # one line label: with several line labels it listed the options (None), with none
+    # only the option-text search is left, so Python runs just `_choice_by_text`.
+    labels = pl.DataFrame(
+        {
+            "prompt_id": list(choices_by_prompt),
+            "_labels": ["|" + "|".join(m) + "|" for m in choices_by_prompt.values()],
+        },
+        schema={"prompt_id": frame.schema["prompt_id"], "_labels": pl.String},
+    )
+    label = pl.concat_str(pl.lit("|"), pl.col("extracted"), pl.lit("|"))
+    unlabelled = pl.col("extracted").is_null()
+    line_labels = (
+        pl.when(unlabelled)
+        .then(pl.col("completion"))
+        .str.extract_all(_LINE_PATTERN)
+        .list.eval(pl.element().str.extract(_LABEL_IN_LINE, 1))
+    )
+    tests = (
+        frame.select("prompt_id", "extracted", "completion")
+        .join(labels, on="prompt_id", how="left", maintain_order="left")
+        .select(
+            outside=~unlabelled
+            & ~pl.col("_labels").str.contains(label, literal=True).fill_null(False),
+            by_text=unlabelled & (line_labels.list.unique().list.len() == 0),
+        )
+    )
+    normalized: dict[str, dict[str, str]] = {}  # a prompt's options, normalized once
+
+    def by_text(completion: str, prompt: str) -> str | None:
+        if prompt not in normalized:
+            options = choices_by_prompt[prompt]
+            normalized[prompt] = {label: _norm(o) for label, o in options.items()}
+        return _mentioned(_norm(completion), normalized[prompt])
+
+    def outside(completion: str, prompt: str) -> str | None:
+        return extract_choice(completion, choices_by_prompt[prompt])
+
+    found = frame["extracted"]
+    for column, judge in (("outside", outside), ("by_text", by_text)):
+        rows = tests[column].arg_true()
+        if len(rows):
+            completions = frame["completion"].gather(rows).to_list()
+            prompts = frame["prompt_id"].gather(rows).to_list()
+            picked = [judge(c, p) for c, p in zip(completions, prompts, strict=True)]
+            found = found.scatter(rows, pl.Series(picked, dtype=pl.String))
+    return frame.with_columns(found)
+
+
 def _choice_by_text(completion: str, choices: Mapping[str, str]) -> str | None:
     """The one option whose text the reply mentions; None for none or several. A
     mention inside a longer mentioned option ("store" in "department store") does not
     count as its own."""
-    text = _norm(completion)
-    spans = {
-        label: [m.span() for m in re.finditer(rf"(?<!\w){re.escape(_norm(option))}(?!\w)", text)]
-        for label, option in choices.items()
-        if _norm(option)
-    }
+    return _mentioned(_norm(completion), {label: _norm(o) for label, o in choices.items()})
+
+
+def _mentioned(text: str, options: Mapping[str, str]) -> str | None:
+    # `_choice_by_text` on the normalized reply and options (`_norm` of each).
+    spans = {label: _word_spans(text, option) for label, option in options.items()}
+    spans = {label: found for label, found in spans.items() if found is not None}
     every = [span for found in spans.values() for span in found]
 
     def inside_another(span: tuple[int, int]) -> bool:
@@ -214,6 +275,21 @@ def _choice_by_text(completion: str, choices: Mapping[str, str]) -> str | None:
         label for label, found in spans.items() if any(not inside_another(s) for s in found)
     }
     return mentioned.pop() if len(mentioned) == 1 else None
+
+
+def _word_spans(text: str, phrase: str) -> list[tuple[int, int]] | None:
+    """Spans of `re.finditer(r"(?<!\w)<phrase>(?!\w)", text)` (None for an empty phrase)
+    without compiling a regex per option: `_norm` leaves words joined by single spaces,
+    so a match not inside a word is " phrase " in " text " (the padding space before
+    the match sits at the match's own index in `text`)."""
+    if not phrase:
+        return None
+    padded, needle = f" {text} ", f" {phrase} "
+    spans, start = [], padded.find(needle)
+    while start >= 0:
+        spans.append((start, start + len(phrase)))
+        start = padded.find(needle, start + len(phrase))  # non-overlapping, like finditer
+    return spans
 
 
 def _norm(text: str) -> str:

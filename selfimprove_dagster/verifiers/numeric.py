@@ -246,11 +246,18 @@ def verify_rows(completions: list[str], rows: list[Mapping[str, Any]]) -> list[V
 # --- the same verifier as Polars expressions ----------------------------------------
 #
 # Polars uses Rust's regex engine: no lookbehind or lookahead. Without them the patterns
-# above differ from Python's in three rare cases, which `verify_frame` hands back to the
-# Python path row by row: thousands separators ("1,234", the `(?!\d)` lookahead), a
-# negative candidate (the sign rule of `_matched_number` looks at the text before it),
-# and very long numbers (compared exactly as Decimals, not as floats).
-_V_NUM = r"-?\$?\s?\d+(?:\.\d+)?"
+# above differ from Python's in a few rare cases, which `verify_frame` hands back to the
+# Python path row by row:
+# - a thousands group followed by a digit ("1,2345": Python's `(?!\d)` lookahead makes
+#   it "1", the Rust pattern would read "1,234"). Without ",dddd" anywhere in the text
+#   every ",ddd" run ends before a non-digit, the lookahead always holds and both
+#   engines read the same number, so "1,234" is decided here;
+# - a negative candidate (the sign rule of `_matched_number` looks at the text before
+#   it);
+# - long numbers (`_canonical` and `_same_number` use Decimal arithmetic, which rounds
+#   to 28 significant digits).
+_V_DIGITS = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+_V_NUM = rf"-?\$?\s?{_V_DIGITS}(?:\.\d+)?"
 _V_LEAD = r"[\s*$\\({\[]*"
 _V_GSM8K = rf"####\s*({_V_NUM})"
 _V_BOXED = r"\\boxed\s*\{([^{}]*)\}"
@@ -267,129 +274,175 @@ _V_LAST_NUMBER = rf"(?:^|[^\w.])({_V_NUM})"
 # The first non-blank line is a bare number: `[^\S\n]` is whitespace within the line.
 _V_SP = r"[^\S\n]"
 _V_FIRST_LINE = (
-    rf"^\s*(?:{_V_SP}|[*$\\({{\[])*(-?\$?{_V_SP}?\d+(?:\.\d+)?)"
+    rf"^\s*(?:{_V_SP}|[*$\\({{\[])*(-?\$?{_V_SP}?{_V_DIGITS}(?:\.\d+)?)"
     rf"{_V_SP}*[*$\\)}}\]]*{_V_SP}*%?{_V_SP}*[.!]?{_V_SP}*(?:\n|$)"
 )
-# Rows the expressions leave to Python: see above; plus line breaks other than "\n"
+# Rows the expressions leave to Python: see above (a run of 16 digits, dots and commas
+# is a number that may have more than 15 significant digits); plus the Unicode minus
+# and no-break space (`_clean` rewrites them) and line breaks other than "\n"
 # (`str.splitlines` splits on them, the first-line regex does not).
-_V_DEFER = r"\d,\d|[\u2212\u00a0\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]|\d{16,}"
+_V_DEFER = r",\d{4}|[\u2212\u00a0\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]|[\d.,]{16,}"
+# A reference answer that is a plain number of at most 25 digits: `normalize_number`
+# returns `_canonical` of the whole string, which `with_canonical` computes exactly
+# (Decimal rounds only beyond 28 digits). Other references go through Python.
+_V_PLAIN_REFERENCE = r"^-?\d{1,15}(?:\.\d{1,10})?$"
+
+Frame = pl.DataFrame | pl.LazyFrame
 
 
 def with_raw_answer(frame: pl.DataFrame, completion: str, target: str) -> pl.DataFrame:
-    """`frame` plus column `target`: the number `extract_answer` picks, not yet canonical.
+    """`frame` plus column `target`: the number `extract_answer` picks, not yet canonical
+    (it may keep one leading non-number character, which `with_canonical` drops).
 
-    The finders run in `extract_answer`'s order, each only on the rows that need it:
-    a finder's regex sees a row only when a cheap literal test says it can match and no
-    earlier finder matched (null rows cost nothing), so most rows pay for one regex.
+    The finders run in `extract_answer`'s order, each only on the rows no earlier finder
+    answered and for which a cheap literal test says it can match: those rows are
+    gathered, searched, and their answers scattered back, so most rows pay for one
+    regex and no finder touches the other rows (masking them as nulls instead still
+    costs several passes over the whole column per finder).
     """
     text = pl.col(completion)
-    flagged = frame.select(
-        _c=text,
+    flags = frame.select(
         _gsm=text.str.contains("####", literal=True),
         _box=text.str.contains("\\boxed", literal=True),
         _ans=text.str.contains(r"(?i)answer"),
         _eq=text.str.contains("=", literal=True),
     )
-    staged = flagged.with_columns(
-        _r=pl.coalesce(
-            _v_last(pl.when(pl.col("_gsm")).then(pl.col("_c")), _V_GSM8K),
-            pl.when(pl.col("_box"))
-            .then(pl.col("_c"))
-            .str.extract(r"(?s)^.*" + _V_BOXED, 1)
-            .str.extract_all(_V_LAST_NUMBER)
-            .list.last(),
-            _v_last(pl.when(pl.col("_ans")).then(pl.col("_c")), _V_ANSWER),
-            _v_last(pl.when(pl.col("_eq")).then(pl.col("_c")), _V_EQUALS),
-        )
-    )
-    staged = staged.with_columns(
-        _r=pl.coalesce(
-            pl.col("_r"),
-            pl.when(pl.col("_r").is_null()).then(pl.col("_c")).str.extract(_V_FIRST_LINE, 1),
-        )
-    )
-    staged = staged.with_columns(
-        _r=pl.coalesce(
-            pl.col("_r"),
-            pl.when(pl.col("_r").is_null())
-            .then(pl.col("_c"))
-            .str.extract_all(_V_LAST_NUMBER)
-            .list.last(),
-        )
-    )
-    return frame.with_columns(staged["_r"].str.replace(r"^[^\d$-]", "").alias(target))
+    finders = {
+        "_gsm": lambda t: _v_last(t, _V_GSM8K),
+        "_box": lambda t: (
+            t.str.extract(r"(?s)^.*" + _V_BOXED, 1).str.extract_all(_V_LAST_NUMBER).list.last()
+        ),
+        "_ans": lambda t: _v_last(t, _V_ANSWER),
+        "_eq": lambda t: _v_last(t, _V_EQUALS),
+        "_first": lambda t: t.str.extract(_V_FIRST_LINE, 1),
+        "_last": lambda t: t.str.extract_all(_V_LAST_NUMBER).list.last(),
+    }
+    texts = frame[completion]
+    raw = pl.repeat(None, frame.height, dtype=pl.String, eager=True)
+    open_ = pl.repeat(True, frame.height, dtype=pl.Boolean, eager=True)  # no answer yet
+    for name, finder in finders.items():
+        rows = (open_ & flags[name] if name in flags.columns else open_).arg_true()
+        if not len(rows):
+            continue
+        found = texts.gather(rows).to_frame("t").select(finder(pl.col("t"))).to_series()
+        hit = found.is_not_null()
+        raw = raw.scatter(rows.filter(hit), found.filter(hit))
+        open_ = open_.scatter(rows.filter(hit), False)
+    return frame.with_columns(raw.alias(target))
 
 
-def with_canonical(frame: pl.DataFrame, source: str, target: str) -> pl.DataFrame:
+def with_canonical(frame: Frame, source: str, target: str) -> Frame:
     """`frame` plus column `target`: `_canonical` of `source` ("$1.50" -> "1.5",
-    "57.0" -> "57", "007" -> "7"). Built in stages: one nested expression would repeat
-    its shared sub-expressions many times over."""
-    digits = frame.select(pl.col(source).str.replace_all(r"[\s$,]", "").alias("d"))["d"]
-    magnitude = (
-        pl.when(pl.col("d").str.contains(".", literal=True))
-        .then(pl.col("d").str.strip_chars_end("0").str.strip_chars_end("."))
-        .otherwise(pl.col("d"))
-        .str.strip_chars_start("-")
-        .str.strip_chars_start("0")
-    )
+    "57.0" -> "57", "007" -> "7") after dropping a leading character that cannot start
+    a number ("(5" -> "5", as `with_raw_answer` leaves it). Built in stages: one nested
+    expression would repeat its shared sub-expressions many times over."""
+    digits = pl.col("_d")
+    magnitude = pl.col("_m")
     staged = (
-        pl.DataFrame({"d": digits})
-        .with_columns(m=magnitude)
+        frame.lazy()
+        # A raw answer may start with the character before its number ("(5", " 5"):
+        # dropped here with the spaces, "$" and "," (one regex pass for both).
+        .with_columns(_d=pl.col(source).str.replace_all(r"^[^\d$-]|[\s$,]", ""))
         .with_columns(
-            m=pl.when(pl.col("m") == "")
-            .then(pl.lit("0"))
-            .when(pl.col("m").str.starts_with("."))
-            .then(pl.concat_str(pl.lit("0"), pl.col("m")))
-            .otherwise(pl.col("m"))
+            _m=pl.when(digits.str.contains(".", literal=True))
+            .then(digits.str.strip_chars_end("0").str.strip_chars_end("."))
+            .otherwise(digits)
+            .str.strip_chars_start("-")
+            .str.strip_chars_start("0")
         )
+        .with_columns(
+            _m=pl.when(magnitude == "")
+            .then(pl.lit("0"))
+            .when(magnitude.str.starts_with("."))
+            .then(pl.concat_str(pl.lit("0"), magnitude))
+            .otherwise(magnitude)
+        )
+        .with_columns(
+            pl.when(digits.str.starts_with("-") & (magnitude != "0"))
+            .then(pl.concat_str(pl.lit("-"), magnitude))
+            .otherwise(magnitude)
+            .alias(target)
+        )
+        .drop("_d", "_m")
     )
-    negative = pl.col("d").str.starts_with("-") & (pl.col("m") != "0")
-    value = staged.select(
-        pl.when(pl.col("d").is_null())
-        .then(pl.lit(None, dtype=pl.String))
-        .when(negative)
-        .then(pl.concat_str(pl.lit("-"), pl.col("m")))
-        .otherwise(pl.col("m"))
-        .alias(target)
-    )[target]
-    return frame.with_columns(value)
+    return _like(frame, staged)
 
 
-def verify_frame(frame: pl.DataFrame) -> pl.DataFrame:
+def references(answers: pl.Series, strict: bool = True) -> pl.Series:
+    """`_reference` of every answer (the canonical reference number), vectorized for
+    plain numbers; other answers ("1,234", GSM8K solutions, non-strings) go through
+    Python once per distinct value. A non-number raises like `_reference`, or is null
+    when not `strict`."""
+    if answers.dtype == pl.String:
+        plain = pl.when(pl.col("a").str.contains(_V_PLAIN_REFERENCE)).then(pl.col("a"))
+        fast = with_canonical(pl.DataFrame({"a": answers}).lazy().select(p=plain), "p", "r")
+        out = fast.collect()["r"]
+    else:
+        out = pl.Series(values=[None] * len(answers), dtype=pl.String)
+    rest = answers.filter(out.is_null())
+    if len(rest):
+        mapping = {a: _reference_or_none(a, strict) for a in rest.unique().to_list()}
+        slow = answers.replace_strict(mapping, default=None, return_dtype=pl.String)
+        out = pl.select(pl.coalesce(out, slow)).to_series()
+    return out.alias("reference")
+
+
+def _reference_or_none(answer: Any, strict: bool) -> str | None:
+    if strict:
+        return _reference(answer)
+    try:
+        return _reference(answer)
+    except (SelfImproveError, AttributeError, TypeError):
+        return None
+
+
+def verify_frame(frame: pl.DataFrame, reference: str | None = None) -> pl.DataFrame:
     """Vectorized `verify` for a frame with `completion` and `answer` (reference) columns.
 
     Returns the frame with `extracted`, `correct` and `reason`, equal to the row-by-row
     `verify` (tests check this on a corpus); the few rows the Rust regexes cannot decide
-    (see above) go through `verify` itself.
+    (see above) go through `verify` itself. `reference` names a column that already
+    holds `references(answer)` (computed once per prompt by the caller).
     """
-    references = _references(frame["answer"])
-    out = frame.with_columns(
-        _reference=references,
-        _defer=pl.col("completion").str.contains(_V_DEFER),
+    out = with_raw_answer(
+        frame.with_columns(
+            _reference=references(frame["answer"]) if reference is None else pl.col(reference),
+            _defer=pl.col("completion").str.contains(_V_DEFER),
+        ),
+        "completion",
+        "_raw",
     )
-    out = with_raw_answer(out, "completion", "_raw")
-    out = with_canonical(out, "_raw", "extracted").drop("_raw")
+    out = with_canonical(out.lazy(), "_raw", "extracted")
+    extracted, ref = pl.col("extracted"), pl.col("_reference")
+    # Canonical strings are equal exactly when the numbers are. Two different numbers
+    # with at most 5 decimals each differ by at least 1e-5 > TOLERANCE: wrong. Only a
+    # pair where one has 6 or more decimals may be within the tolerance; Python decides.
     out = out.with_columns(
-        _defer=pl.col("_defer") | pl.col("extracted").str.starts_with("-").fill_null(False)
-    )
-    difference = (
-        pl.col("extracted").cast(pl.Float64, strict=False)
-        - pl.col("_reference").cast(pl.Float64, strict=False)
-    ).abs()
-    same = (pl.col("extracted") == pl.col("_reference")) | (difference <= float(TOLERANCE))
-    out = out.with_columns(
-        correct=pl.col("extracted").is_not_null() & same.fill_null(False),
+        correct=extracted.is_not_null() & (extracted == ref).fill_null(False),
+        _defer=pl.col("_defer")
+        | extracted.str.starts_with("-").fill_null(False)
+        | ((extracted != ref) & (_many_decimals(extracted) | _many_decimals(ref))).fill_null(False),
     ).with_columns(
-        reason=pl.when(pl.col("extracted").is_null())
+        reason=pl.when(extracted.is_null())
         .then(pl.lit("no_answer"))
         .when(pl.col("correct"))
         .then(pl.lit("correct"))
         .otherwise(pl.lit("wrong_answer"))
     )
-    deferred = out["_defer"].arg_true()
+    judged = out.drop("_raw", "_reference").collect(engine="streaming")
+    deferred = judged["_defer"].arg_true()
     if len(deferred):
-        out = _verify_deferred(out, deferred)
-    return out.drop("_reference", "_defer")
+        judged = _verify_deferred(judged, deferred)
+    return judged.drop("_defer")
+
+
+def _like(frame: Frame, staged: pl.LazyFrame) -> Frame:
+    # The helpers take either kind of frame and give back the same kind.
+    return staged.collect(engine="streaming") if isinstance(frame, pl.DataFrame) else staged
+
+
+def _many_decimals(number: pl.Expr) -> pl.Expr:
+    return number.str.len_bytes() - number.str.find(".", literal=True) > 6
 
 
 def _v_last(text: pl.Expr, pattern: str) -> pl.Expr:
@@ -398,29 +451,12 @@ def _v_last(text: pl.Expr, pattern: str) -> pl.Expr:
     return text.str.extract_all(pattern).list.last().str.extract(_V_TAIL, 1)
 
 
-def _references(answers: pl.Series) -> pl.Series:
-    # References repeat (k samples per prompt): normalize each distinct one once.
-    unique = answers.unique()
-    mapping = {a: _reference(a) for a in unique.to_list()}
-    return answers.replace_strict(mapping, return_dtype=pl.String)
-
-
 def _verify_deferred(out: pl.DataFrame, rows: pl.Series) -> pl.DataFrame:
     completions = out["completion"].gather(rows).to_list()
     answers = out["answer"].gather(rows).to_list()
     verdicts = [verify(c, a) for c, a in zip(completions, answers, strict=True)]
-    patch = pl.DataFrame(
-        {
-            "_row": rows,
-            "_x": [v.extracted for v in verdicts],
-            "_c": [v.correct for v in verdicts],
-            "_r": [v.reason for v in verdicts],
-        },
-        schema={"_row": rows.dtype, "_x": pl.String, "_c": pl.Boolean, "_r": pl.String},
+    return out.with_columns(
+        out["extracted"].scatter(rows, [v.extracted for v in verdicts]),
+        out["correct"].scatter(rows, [v.correct for v in verdicts]),
+        out["reason"].scatter(rows, [v.reason for v in verdicts]),
     )
-    joined = out.with_row_index("_row").join(patch, on="_row", how="left")
-    return joined.with_columns(
-        extracted=pl.when(pl.col("_defer")).then(pl.col("_x")).otherwise(pl.col("extracted")),
-        correct=pl.when(pl.col("_defer")).then(pl.col("_c")).otherwise(pl.col("correct")),
-        reason=pl.when(pl.col("_defer")).then(pl.col("_r")).otherwise(pl.col("reason")),
-    ).drop("_row", "_x", "_c", "_r")
