@@ -212,7 +212,9 @@ def prompts(
     candidates = result.candidates
     if dropped:  # nothing hidden: each dropped row, with the eval prompt it matched
         drops = synthesis.contamination_candidates(round_, dropped)
-        candidates = drops if candidates is None else pl.concat([candidates, drops])
+        candidates = (
+            drops if candidates is None else pl.concat([candidates, drops], how="diagonal_relaxed")
+        )
     version = _save(
         context,
         store,

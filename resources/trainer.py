@@ -28,6 +28,12 @@ class TrainerResource(dg.ConfigurableResource):
     learning_rate: float = Field(default=3e-4, gt=0, description="AdamW learning rate.")
     epochs: int = Field(default=2, ge=1, description="Epochs over the filtered set.")
     batch_size: int = Field(default=16, ge=1, description="Examples per optimizer step.")
+    micro_batch_tokens: int = Field(
+        default=2048,
+        ge=64,
+        description="Tokens per forward pass in SFT/DPO: a batch of long sequences is split "
+        "into micro-batches accumulated into one optimizer step (bounds training memory).",
+    )
     seed: int = Field(default=0, description="Training seed.")
     device: Literal["cpu", "cuda"] = Field(
         default="cpu", description="Where LoRA training runs (the gpu/cluster profiles: cuda)."
@@ -81,6 +87,7 @@ class TrainerResource(dg.ConfigurableResource):
             learning_rate=self._learning_rate(objective),
             epochs=self.epochs,
             batch_size=self.batch_size,
+            micro_batch_tokens=self.micro_batch_tokens,
             seed=self.seed,
             beta=self.dpo_beta,
             device=self.device,

@@ -40,6 +40,39 @@ from selfimprove_dagster.models import (
 from selfimprove_dagster.progress import LogFn, Progress
 from selfimprove_dagster.store.versions import publish_dir, staging_dir
 
+# Peak training memory grows with sequences per forward pass x their length x the
+# vocabulary: the logits and their gradient dominate (SmolLM2's vocabulary is 49,152
+# tokens, so 16 sequences of 400 tokens hold 1.3 GB per copy of the logits; a GSM8K
+# rationale round with batch 16 was OOM-killed at 12 GB RSS). A batch of long sequences
+# is split into micro-batches accumulated into the same optimizer step, so the update
+# (`batch_size` examples) and the step count stay what they were.
+MICRO_BATCH_TOKENS = 2048
+
+
+def micro_batch_size(batch_size: int, longest_tokens: int, token_budget: int) -> int:
+    """Sequences per forward pass: the largest divisor of `batch_size` whose micro-batch
+    of `longest_tokens`-token sequences fits in `token_budget` tokens (at least 1). A
+    divisor, so gradient accumulation adds up to exactly `batch_size` examples."""
+    fits = max(1, token_budget // max(1, longest_tokens))
+    return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= fits)
+
+
+def longest_example_tokens(objective: str, examples: list[dict[str, str]], tokenizer) -> int:
+    """Tokens in the longest training sequence (the chat template's few extra tokens
+    included). DPO runs chosen and rejected in one forward pass: both count."""
+    template_overhead = 16
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    if objective == "dpo":
+        lengths = [
+            2 * count(e["prompt"]) + count(e["chosen"]) + count(e["rejected"]) for e in examples
+        ]
+    else:
+        lengths = [count(e["prompt"]) + count(e["completion"]) for e in examples]
+    return max(lengths, default=0) + template_overhead
+
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -50,7 +83,9 @@ class TrainParams:
     lora_dropout: float = 0.0  # dropout on the LoRA path
     learning_rate: float = 3e-4  # AdamW peak learning rate
     epochs: int = 2  # passes over the filtered set
-    batch_size: int = 16  # examples per optimizer step (no accumulation)
+    batch_size: int = 16  # examples per optimizer step
+    # Tokens per forward pass (SFT, DPO): see `micro_batch_size`.
+    micro_batch_tokens: int = MICRO_BATCH_TOKENS
     max_length: int = 512  # truncate longer prompt+completion sequences
     seed: int = 0  # data order and LoRA init
     beta: float = 0.1  # DPO only: strength of the pull towards the reference policy
@@ -130,12 +165,15 @@ def _progress_callback(progress: Progress):
     return ProgressCallback()
 
 
-def _trainer_args(params: TrainParams, output_dir: Path) -> dict[str, Any]:
-    """Settings SFTConfig and DPOConfig share (both are TrainingArguments)."""
+def _trainer_args(params: TrainParams, output_dir: Path, micro_batch: int | None = None):
+    """Settings SFTConfig and DPOConfig share (both are TrainingArguments); `micro_batch`
+    sequences per forward pass, accumulated into `params.batch_size` per step."""
+    micro_batch = micro_batch or params.batch_size
     return {
         "output_dir": str(output_dir),
         "num_train_epochs": params.epochs,
-        "per_device_train_batch_size": params.batch_size,
+        "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": params.batch_size // micro_batch,
         "learning_rate": params.learning_rate,
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
@@ -162,15 +200,18 @@ def _build_trainer(objective: str, model, tokenizer, examples, params, output_di
         task_type="CAUSAL_LM",
     )
     common = {"processing_class": tokenizer, "peft_config": lora, "callbacks": callbacks}
+    if objective in ("sft", "dpo"):
+        longest = longest_example_tokens(objective, examples, tokenizer)
+        micro = micro_batch_size(params.batch_size, longest, params.micro_batch_tokens)
     if objective == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        config = SFTConfig(**_trainer_args(params, output_dir))
+        config = SFTConfig(**_trainer_args(params, output_dir, micro))
         return SFTTrainer(model=model, args=config, train_dataset=sft_dataset(examples), **common)
     if objective == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        config = DPOConfig(**_trainer_args(params, output_dir), beta=params.beta)
+        config = DPOConfig(**_trainer_args(params, output_dir, micro), beta=params.beta)
         # ref_model=None + a LoRA config: the reference is the adapter-free policy.
         return DPOTrainer(model=model, args=config, train_dataset=dpo_dataset(examples), **common)
     if objective in ("grpo", "rloo"):  # online RL: the trainer lives in methods.grpo
@@ -251,6 +292,8 @@ def train_lora(
         "hyper_parameters": asdict(params),
         "planned_steps": planned,
         "optimizer_steps": int(trainer.state.global_step),
+        # sequences per forward pass (< batch_size: long sequences, accumulated)
+        "micro_batch": int(trainer.args.per_device_train_batch_size),
         "final_loss": losses[-1] if losses else None,
         "mean_loss": float(result.training_loss),
         "train_seconds": round(time.monotonic() - started, 2),

@@ -10,7 +10,7 @@ from selfimprove_dagster.engines import make_engine
 from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.models import load_model
-from selfimprove_dagster.training import TrainParams, train_lora_sft
+from selfimprove_dagster.training import TrainParams, micro_batch_size, train_lora_sft
 
 PROMPTS = ["What is 12 + 30? Answer with just the number.", "Hi", "What is 2 + 2?"]
 
@@ -98,3 +98,22 @@ def test_prefix_sharing_matches_generating_each_row_from_scratch(engine):
             )
         plain = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         assert {c.text for c in shared[3 * i : 3 * i + 3]} == {plain.strip()}
+
+
+@pytest.mark.parametrize(
+    ("batch", "longest", "micro"),
+    [(16, 60, 16), (16, 350, 4), (16, 5000, 1), (12, 300, 6), (16, 0, 16)],
+)
+def test_micro_batches_divide_the_batch_and_fit_the_token_budget(batch, longest, micro):
+    # 2-digit addition (~60 tokens) trains as before; a rationale batch is split.
+    assert micro_batch_size(batch, longest, token_budget=2048) == micro
+
+
+def test_long_sequences_train_in_accumulated_micro_batches(tiny_model, models_dir, tmp_path):
+    # A token budget below two sequences: one sequence per forward pass, accumulated into
+    # the same optimizer steps a full batch would take.
+    examples = [{"prompt": f"What is {i} + 1?", "completion": str(i + 1) * 20} for i in range(6)]
+    params = TrainParams(epochs=1, batch_size=4, lora_r=4, lora_alpha=8, micro_batch_tokens=64)
+    manifest = train_lora_sft(tiny_model, examples, params, tmp_path / "c", models_dir)
+    assert manifest["micro_batch"] == 1
+    assert manifest["optimizer_steps"] == manifest["planned_steps"] == 2  # ceil(6/4)

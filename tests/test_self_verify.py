@@ -85,6 +85,17 @@ def test_the_most_likely_sample_of_each_prompt_is_accepted(policy, problems):
     assert critiques["correct"].to_list() == [True, False] * 3
 
 
+def test_self_verify_scores_with_the_pooled_engine_a_run_lends_it(policy, problems):
+    # In a Dagster run the critiques step gets the engine pool's loan (LentEngine),
+    # which only forwards `generate`: self_verify must reach the engine behind it.
+    from selfimprove_dagster.engines.pool import LentEngine
+
+    generations = _round(problems)
+    lent = self_verify.critique_by_likelihood(LentEngine(policy), generations, problems)
+    direct = self_verify.critique_by_likelihood(policy, generations, problems)
+    assert lent["verdict"].to_list() == direct["verdict"].to_list()
+
+
 def test_self_verify_needs_an_engine_that_exposes_log_probs(problems):
     with pytest.raises(SelfImproveError, match="transformers engine"):
         self_verify.critique_by_likelihood(ScriptedEngine("m"), _round(problems), problems)

@@ -76,6 +76,10 @@ def critique_by_likelihood(
     log-prob), the per-token likelihood in 0..1; reason `best_likelihood` /
     `lower_likelihood` / `empty`), mean_logprob, likelihood_rank (1 = picked).
     """
+    from selfimprove_dagster.engines.pool import LentEngine
+
+    if isinstance(engine, LentEngine):  # the run's pooled engine, on loan to this step
+        engine = engine.engine
     model = getattr(engine, "model", None)
     tokenizer = getattr(engine, "tokenizer", None)
     if model is None or tokenizer is None or not hasattr(engine, "chat_text"):
