@@ -225,6 +225,33 @@ class DagsterRecord:
                 not_run.append(key.name)
         return GateResults(failed, not_run)
 
+    def resume_point(self, round_: str, steps: "list[RoundStep]", settings: str) -> int:
+        """How many of `steps` (in run order) a new run of `round_` can take as they are, so
+        it starts at `steps[n]`. A step is taken when each of its tables was materialized
+        by a run launched with the same `settings`, after the steps it reads and after the
+        parent round's latest `eval_scores` (the policy it sampled from is still current),
+        and each blocking check on its tables passed after that. The first step that is
+        not taken, and every step after it, runs again. 0: the whole round runs."""
+        parent = previous_round(round_)
+        latest_parent = self._latest_materialization(EVAL_SCORES, parent) if parent else None
+        floor = latest_parent.timestamp if latest_parent is not None else 0.0
+        evaluated = self._evaluations.get(round_, {})
+        for index, step in enumerate(steps):
+            found = [self._latest_materialization(key, round_) for key in step.required]
+            if not found or any(m is None for m in found):
+                return index
+            first = min(m.timestamp for m in found)
+            if first <= floor or not all(
+                _run_settings(self.instance, m.run_id) == settings for m in found
+            ):
+                return index
+            for check in (c for c in self.graph.blocking_checks if c.asset_key in step.keys):
+                result = evaluated.get(check)  # (timestamp, passed) of its latest evaluation
+                if result is None or result[0] < first or not result[1]:
+                    return index
+            floor = max(floor, *(m.timestamp for m in found))
+        return len(steps)
+
     def completed_rounds(self) -> list[str]:
         """The rounds that are done, in round order."""
         return [key for key in self.rounds() if self.round(key).done]
@@ -275,6 +302,54 @@ class DagsterRecord:
                 key = plan.asset_check_key
                 by_check[key] = max(by_check.get(key, record.timestamp), record.timestamp)
         return found
+
+
+# --- resuming a round whose run failed -------------------------------------------------
+
+# Run tag: a fingerprint of every resource setting the run was launched with. A step's
+# tables are reused by a later run only when that run has the same settings.
+SETTINGS_TAG = "selfimprove/settings"
+
+
+@dataclass(frozen=True)
+class RoundStep:
+    """One op of the round job: the tables it materializes (`required`: the ones every
+    run of it writes; optional tables such as `rollouts` are not) and the steps it reads."""
+
+    name: str
+    keys: tuple[dg.AssetKey, ...]
+    required: tuple[dg.AssetKey, ...]
+    parents: tuple[str, ...]
+
+
+def round_steps(assets: Iterable[Any]) -> list[RoundStep]:
+    """The round job's steps (the partitioned assets definitions), each after the steps
+    it reads: the order a run executes them in."""
+    defs = [a for a in assets if isinstance(a, dg.AssetsDefinition) and a.partitions_def == ROUNDS]
+    step_of = {spec.key: d.node_def.name for d in defs for spec in d.specs}
+    steps = {}
+    for d in defs:
+        name = d.node_def.name
+        parents = {step_of[dep.asset_key] for spec in d.specs for dep in spec.deps}
+        steps[name] = RoundStep(
+            name,
+            tuple(spec.key for spec in d.specs),
+            tuple(spec.key for spec in d.specs if not spec.skippable),
+            tuple(sorted(p for p in parents if p in step_of.values() and p != name)),
+        )
+    ordered: list[RoundStep] = []
+    while len(ordered) < len(steps):
+        done = {s.name for s in ordered}
+        ready = [s for s in steps.values() if s.name not in done and set(s.parents) <= done]
+        if not ready:
+            raise SelfImproveError("the round job's steps depend on each other in a cycle")
+        ordered.extend(sorted(ready, key=lambda s: s.name))
+    return ordered
+
+
+def _run_settings(instance: dg.DagsterInstance, run_id: str | None) -> str | None:
+    run = instance.get_run_by_id(run_id) if run_id else None
+    return None if run is None else run.tags.get(SETTINGS_TAG)
 
 
 def chain_problem(store: RoundStore, round_: str) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -203,9 +204,40 @@ def refuse_if_running(instance, key: str) -> None:
         )
 
 
+def settings_fingerprint(defs) -> str:
+    """A hash of every resource setting (`SELFIMPROVE_*` and profile defaults applied):
+    a run's tables are reused by a later run only when this is unchanged."""
+    settings = {
+        name: resource.model_dump()
+        for name, resource in sorted(defs.resources.items())
+        if hasattr(resource, "model_dump")
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def steps_to_run(defs, record, key: str, settings: str) -> list | None:
+    """The asset keys a new run of `key` must materialize: after a failed or killed run,
+    the steps whose tables are still current (same settings, built on the current
+    parent, gates passed: `DagsterRecord.resume_point`) are kept and the round resumes
+    at the first one that is not; None runs the whole round."""
+    from assets.sensors import round_steps
+
+    steps = round_steps(defs.assets)
+    start = record.resume_point(key, steps, settings)
+    if start == 0 or start == len(steps):  # nothing to keep, or nothing left: run it all
+        return None
+    kept = ", ".join(step.name for step in steps[:start])
+    print(f"{key}: resuming at `{steps[start].name}` ({kept}: current, not run again)")
+    return [asset_key for step in steps[start:] for asset_key in step.keys]
+
+
 def _run_rounds(defs, store: RoundStore, rounds: int) -> int:
+    from assets.sensors import SETTINGS_TAG
+
     job = defs.resolve_job_def("round_job")
     record = dagster_record(defs)
+    settings = settings_fingerprint(defs)
     instance = record.instance
     for index in range(rounds):
         key = round_key(index)
@@ -218,11 +250,14 @@ def _run_rounds(defs, store: RoundStore, rounds: int) -> int:
             instance.add_dynamic_partitions("rounds", [key])
         reason = "" if why == "not started" else f" again ({why})"
         print(f"{key}: running{reason} (Dagster run log: `make ui`)", flush=True)
+        selection = steps_to_run(defs, record, key, settings) if why != "not started" else None
         result = job.execute_in_process(
             partition_key=key,
             instance=instance,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            tags={SETTINGS_TAG: settings},
+            asset_selection=selection,
         )
         record = dagster_record(defs)  # a fresh read of what the run recorded
         if not result.success:

@@ -225,3 +225,65 @@ def test_filter_rank_equals_the_window_per_prompt():
         cap = rng.randint(1, 3)
         kept = star.filter_accepted(generations, critiques, cap).select("generation_id")
         assert kept.equals(_filter_with_window(generations, critiques, cap))
+
+
+# --- judging in slices -------------------------------------------------------------
+
+_REPLY_SHAPES = ["{s}", "The answer is {s}.", "{a} + {b} = {s}", "**{s}**", "I am not sure."]
+_REPLY_SHAPES += ["{a} + {b} = {s}.\n\nA helpful", "To calculate {a} + {b}, you simply add"]
+_REPLY_SHAPES += ["\\boxed{{{s}}}", "#### {s}", "\u2212{s}", "{s}\r\nok", "= {s:,}", "= -{s}"]
+
+
+@pytest.mark.skipif(pl.thread_pool_size() < 2, reason="one Polars thread: judged in one piece")
+def test_critiques_in_slices_equal_one_piece(monkeypatch):
+    # ~120k generations, numeric and multiple-choice prompts interleaved so that prompts
+    # straddle the slice boundaries; replies in SmolLM2's shapes, the comma- and
+    # decimal-heavy pieces above, and rows the Python path decides (Unicode minus, "\r").
+    rng = random.Random(5)
+    questions = [json.loads(line) for line in (SHARED_DATA / "commonsenseqa/dev.jsonl").open()][
+        :200
+    ]
+    n_numeric = 2000
+    numbers = [(rng.randint(10, 99_999), rng.randint(10, 9_999)) for _ in range(n_numeric)]
+    prompts = pl.DataFrame(
+        {
+            "prompt_id": [f"n{i}" for i in range(n_numeric)] + [f"m{i}" for i in range(200)],
+            "prompt": ["x"] * (n_numeric + 200),
+            "answer": [str(a + b) for a, b in numbers] + [q["answer"] for q in questions],
+            "split": ["train"] * (n_numeric + 200),
+            "verifier": ["numeric"] * n_numeric + ["multiple_choice"] * 200,
+            "choices": [None] * n_numeric + [json.dumps(q["choices"]) for q in questions],
+        }
+    )
+    pieces = _COMMA_PIECES + _DECIMAL_PIECES
+    prompt_ids, completions = [], []
+    for _ in range(120_001):
+        if rng.random() < 0.1:
+            i = rng.randrange(200)
+            label = rng.choice(sorted(questions[i]["choices"]))
+            text = questions[i]["choices"][label]
+            prompt_ids.append(f"m{i}")
+            completions.append(rng.choice([f"Answer: {label}", text, f"{label}. {text}", "?"]))
+            continue
+        i = rng.randrange(n_numeric)
+        a, b = numbers[i]
+        prompt_ids.append(f"n{i}")
+        if rng.random() < 0.2:
+            completions.append("".join(rng.choice(pieces) for _ in range(rng.randint(0, 10))))
+        else:
+            s = a + b + rng.choice([0, 0, 1, -10])
+            completions.append(rng.choice(_REPLY_SHAPES).format(a=a, b=b, s=s))
+    generations = pl.DataFrame(
+        {
+            "round": ["r"] * len(completions),
+            "generation_id": [f"g{i}" for i in range(len(completions))],
+            "prompt_id": prompt_ids,
+            "completion": completions,
+        }
+    )
+    assert generations.height >= star.PARALLEL_MIN_ROWS
+    sliced = star.critique_generations(generations, prompts)
+    monkeypatch.setattr(star, "PARALLEL_MIN_ROWS", 10**9)
+    one_piece = star.critique_generations(generations, prompts)
+    assert sliced.equals(one_piece)
+    assert set(sliced["reason"]) >= {"correct", "wrong_answer", "no_answer"}

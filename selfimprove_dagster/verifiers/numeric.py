@@ -290,9 +290,12 @@ _V_PLAIN_REFERENCE = r"^-?\d{1,15}(?:\.\d{1,10})?$"
 Frame = pl.DataFrame | pl.LazyFrame
 
 
-def with_raw_answer(frame: pl.DataFrame, completion: str, target: str) -> pl.DataFrame:
+def with_raw_answer(
+    frame: pl.DataFrame, completion: str, target: str, **extra: pl.Expr
+) -> pl.DataFrame:
     """`frame` plus column `target`: the number `extract_answer` picks, not yet canonical
-    (it may keep one leading non-number character, which `with_canonical` drops).
+    (it may keep one leading non-number character, which `with_canonical` drops), and
+    the `extra` columns, computed in the same pass as the finders' literal tests.
 
     The finders run in `extract_answer`'s order, each only on the rows no earlier finder
     answered and for which a cheap literal test says it can match: those rows are
@@ -306,6 +309,7 @@ def with_raw_answer(frame: pl.DataFrame, completion: str, target: str) -> pl.Dat
         _box=text.str.contains("\\boxed", literal=True),
         _ans=text.str.contains(r"(?i)answer"),
         _eq=text.str.contains("=", literal=True),
+        **extra,
     )
     finders = {
         "_gsm": lambda t: _v_last(t, _V_GSM8K),
@@ -328,7 +332,7 @@ def with_raw_answer(frame: pl.DataFrame, completion: str, target: str) -> pl.Dat
         hit = found.is_not_null()
         raw = raw.scatter(rows.filter(hit), found.filter(hit))
         open_ = open_.scatter(rows.filter(hit), False)
-    return frame.with_columns(raw.alias(target))
+    return frame.with_columns(*(flags[name] for name in extra), raw.alias(target))
 
 
 def with_canonical(frame: Frame, source: str, target: str) -> Frame:
@@ -406,11 +410,11 @@ def verify_frame(frame: pl.DataFrame, reference: str | None = None) -> pl.DataFr
     """
     out = with_raw_answer(
         frame.with_columns(
-            _reference=references(frame["answer"]) if reference is None else pl.col(reference),
-            _defer=pl.col("completion").str.contains(_V_DEFER),
+            _reference=references(frame["answer"]) if reference is None else pl.col(reference)
         ),
         "completion",
         "_raw",
+        _defer=pl.col("completion").str.contains(_V_DEFER),
     )
     out = with_canonical(out.lazy(), "_raw", "extracted")
     extracted, ref = pl.col("extracted"), pl.col("_reference")
