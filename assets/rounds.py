@@ -498,7 +498,7 @@ def checkpoint(
     manifest = train_lora(
         recipe.objective,
         trained_from,
-        methods.training_examples(recipe, frame),
+        methods.training_examples(recipe, frame, store.read(round_, "prompts")),
         trainer.params(recipe.objective),
         out_dir,
         store.models_dir,

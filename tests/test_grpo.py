@@ -96,6 +96,26 @@ def test_verifier_reward_scores_with_the_verifier_and_logs_the_verdicts():
     assert logged["completion_tokens"] == [1, 2, 3]
 
 
+def test_the_reward_judges_a_multiple_choice_round_by_its_prompts_verifier():
+    # The trainer's rows carry each prompt's verifier columns, so a CommonsenseQA-style
+    # round is rewarded by the multiple-choice verifier, not read as numbers.
+    filtered = pl.DataFrame({"prompt": ["Q?"], "answer": ["B"], "prompt_id": ["p"]})
+    prompts = pl.DataFrame(
+        {
+            "prompt_id": ["p"],
+            "verifier": ["multiple_choice"],
+            "choices": ['{"A": "a cat", "B": "a dog"}'],
+        }
+    )
+    rows = grpo.training_examples(filtered, prompts)
+    assert rows == [{"prompt": "Q?", "answer": "B", "prompt_id": "p", **prompts.row(0, named=True)}]
+    columns = {k: [v] * 2 for k, v in rows[0].items() if k != "prompt"}
+    scores = grpo.make_verifier_reward()(
+        prompts=["Q?"] * 2, completions=["The answer is (B).", "A"], **columns
+    )
+    assert scores == [1.0, 0.0]
+
+
 def test_format_reward_wants_just_a_number():
     assert grpo.format_reward(["57", "The answer is 57", " 57.\n"]) == [1.0, 0.0, 1.0]
 

@@ -177,10 +177,21 @@ def select_rl_prompts(
     )
 
 
-def training_examples(filtered: pl.DataFrame) -> list[dict[str, Any]]:
-    """The trainer's dataset rows: the prompt, its reference answer and id (TRL passes
-    every column to the reward function)."""
-    return filtered.select("prompt", "answer", "prompt_id").to_dicts()
+def training_examples(
+    filtered: pl.DataFrame, prompts: pl.DataFrame | None = None
+) -> list[dict[str, Any]]:
+    """The trainer's dataset rows: the prompt, its reference answer and id, and what the
+    prompt's verifier reads (`verifier`, `choices`, `tests`, ... from `prompts`): TRL
+    passes every column to the reward function, which judges each rollout by its row."""
+    rows = filtered.select("prompt", "answer", "prompt_id")
+    if prompts is not None:
+        from selfimprove_dagster.sources.tasks import VERIFIER_COLUMNS
+
+        extra = [c for c in VERIFIER_COLUMNS if c in prompts.columns]
+        if extra:
+            by_id = prompts.select("prompt_id", *extra).unique("prompt_id", keep="first")
+            rows = rows.join(by_id, on="prompt_id", how="left", maintain_order="left")
+    return rows.to_dicts()
 
 
 # --- rewards ---------------------------------------------------------------------

@@ -245,14 +245,17 @@ def select_training_set(
     return star.filter_accepted(generations, critiques, max_per_prompt, refinements)
 
 
-def training_examples(recipe: Recipe, filtered: pl.DataFrame) -> list[dict[str, str]]:
-    """Rows for `training.train_lora(recipe.objective, ...)`."""
+def training_examples(
+    recipe: Recipe, filtered: pl.DataFrame, prompts: pl.DataFrame | None = None
+) -> list[dict[str, str]]:
+    """Rows for `training.train_lora(recipe.objective, ...)`; online RL also takes each
+    prompt's verifier columns from `prompts` (its reward judges every task type)."""
     if recipe.objective == "dpo":
         return filtered.select(
             "prompt", chosen=pl.col("completion"), rejected=pl.col("rejected_completion")
         ).to_dicts()
     if recipe.online:
-        return grpo.training_examples(filtered)
+        return grpo.training_examples(filtered, prompts)
     return star.training_examples(filtered)
 
 
