@@ -185,6 +185,16 @@ def test_math_no_answer_and_bad_reference():
         verify_row("3", {"answer": "", "verifier": "math"})
 
 
+def test_math_reasoning_without_a_final_answer_is_no_answer():
+    # A rationale cut off by the token limit (a real SmolLM2 sample on MATH-500): its
+    # last expression is a list marker, not an answer.
+    cut_off = "1. IMO gold will always be first.\n5. From row I, we pick two.\n6. From row II, we"
+    row = {"answer": "6", "verifier": "math"}
+    assert verify_row(cut_off, row).reason == "no_answer"
+    assert verify_row(cut_off + " can pick 6.\nThe answer is 6", row).correct
+    assert verify_row("$6$", row).correct  # a one-line reply is its own answer
+
+
 def test_math_accepts_every_math500_reference_solution():
     rows = [json.loads(line) for line in (SHARED_DATA / "math500/test.jsonl").open()][:60]
     verdicts = verify_rows([r["solution"] for r in rows], [{**r, "verifier": "math"} for r in rows])

@@ -68,16 +68,25 @@ def verify(completion: str, answer: str) -> Verdict:
     )
 
 
+# A reply without a boxed answer or an "answer is" line counts as the answer itself
+# only when it is one line of at most this many characters.
+MAX_BARE_ANSWER_CHARS = 80
+
+
 def final_answer_text(completion: str) -> str | None:
     """The part of a reply holding its final answer: the last \\boxed{...}, else the rest
-    of the last "answer is ..." line, else the whole reply; None for an empty reply."""
+    of the last "answer is ..." line, else the whole reply when it is one short line
+    (the reply is the answer); None otherwise. Why not the last expression of any
+    reply: reasoning cut off by the token limit ends in whatever it was writing, and
+    on MATH-500 a truncated "...\n6. From row II, we can pick" was read as the answer 6."""
     boxed = _last_boxed(completion)
     if boxed is not None:
         return f"$\\boxed{{{boxed}}}$"
     lines = list(_ANSWER_LINE_RE.finditer(completion))
     if lines:
         return lines[-1].group("body").strip()
-    return completion if completion.strip() else None
+    reply = completion.strip()
+    return reply if reply and "\n" not in reply and len(reply) <= MAX_BARE_ANSWER_CHARS else None
 
 
 # --- helpers ---------------------------------------------------------------------
