@@ -109,7 +109,10 @@ def test_the_reward_judges_a_multiple_choice_round_by_its_prompts_verifier():
     )
     rows = grpo.training_examples(filtered, prompts)
     assert rows == [{"prompt": "Q?", "answer": "B", "prompt_id": "p", **prompts.row(0, named=True)}]
-    columns = {k: [v] * 2 for k, v in rows[0].items() if k != "prompt"}
+    # What TRL hands the reward: every dataset column but the prompt, one value per rollout.
+    example = grpo.rl_dataset(rows)[0]
+    columns = {k: [v] * 2 for k, v in example.items() if k != "prompt"}
+    assert columns["verifier"] == ["multiple_choice"] * 2
     scores = grpo.make_verifier_reward()(
         prompts=["Q?"] * 2, completions=["The answer is (B).", "A"], **columns
     )

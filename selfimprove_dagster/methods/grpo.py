@@ -290,16 +290,18 @@ def rl_config_args(algorithm: str, rl: RLParams, common: dict[str, Any]) -> dict
 
 
 def rl_dataset(examples: list[dict[str, Any]]):
-    """Conversational prompt rows with the columns the reward reads."""
+    """Conversational prompt rows with the columns the reward reads: every column of
+    `examples` (the reference answer, the prompt id and the prompt's verifier columns:
+    TRL hands each to the reward function)."""
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
     return Dataset.from_list(
         [
             {
+                **e,
                 "prompt": [{"role": "user", "content": e["prompt"]}],
                 "answer": str(e["answer"]),
-                "prompt_id": e["prompt_id"],
             }
             for e in examples
         ]
