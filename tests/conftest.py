@@ -109,3 +109,20 @@ STORES: dict[str, StubStore] = {}
 class StubStorageResource(StorageResource):
     def store(self) -> RoundStore:
         return STORES[self.data_dir]
+
+
+@pytest.fixture
+def cli_store(tmp_path, monkeypatch) -> StubStore:
+    """A stub store with its own Dagster instance (the CLI's dagster.yaml) for tests of
+    `selfimprove run` over stand-in round jobs. The status table reads a real round's
+    tables, which stand-in rounds do not have: it is empty here."""
+    from selfimprove_dagster import cli
+
+    stub = StubStore(tmp_path / "var")
+    STORES[str(stub.data_dir)] = stub
+    home = stub.data_dir / "dagster_home"
+    home.mkdir(parents=True)
+    cli.write_instance_config(home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setattr(cli, "status_rows", lambda store, record=None: [])
+    return stub

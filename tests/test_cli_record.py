@@ -13,7 +13,7 @@ from assets.policy import POLICY_ASSETS, policy_job
 from resources import StorageResource
 from selfimprove_dagster import cli
 from selfimprove_dagster.errors import SelfImproveError
-from tests.conftest import STORES, StubStorageResource, StubStore
+from tests.conftest import StubStorageResource, StubStore
 
 GATE = "check_no_regression_eval_scores"
 ACCURACY = {"round_000": (0.1, 0.5), "round_001": (0.5, 0.7), "round_002": (0.7, 0.4)}
@@ -44,16 +44,8 @@ round_job = dg.define_asset_job(
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch) -> StubStore:
-    stub = StubStore(tmp_path / "var")
-    STORES[str(stub.data_dir)] = stub
-    home = stub.data_dir / "dagster_home"
-    home.mkdir(parents=True)
-    cli.write_instance_config(home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    # The status table reads the real round's tables; these rounds have eval_scores only.
-    monkeypatch.setattr(cli, "status_rows", lambda store, record=None: [])
-    return stub
+def store(cli_store) -> StubStore:
+    return cli_store
 
 
 @pytest.fixture

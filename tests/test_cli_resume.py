@@ -13,7 +13,7 @@ from assets.partitions import ROUNDS
 from assets.sensors import round_steps
 from resources import StorageResource
 from selfimprove_dagster import cli
-from tests.conftest import STORES, StubStorageResource, StubStore
+from tests.conftest import StubStorageResource, StubStore
 
 CALLS = {"generations": 0, "eval_scores": 0}
 FAIL = {"eval_scores": False, "generations_gate": False}
@@ -57,20 +57,13 @@ round_job = dg.define_asset_job(
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch) -> StubStore:
-    stub = StubStore(tmp_path / "var")
-    STORES[str(stub.data_dir)] = stub
-    home = stub.data_dir / "dagster_home"
-    home.mkdir(parents=True)
-    cli.write_instance_config(home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setattr(cli, "status_rows", lambda store, record=None: [])
+def store(cli_store, monkeypatch) -> StubStore:
     monkeypatch.setattr(cli, "refresh_policy", lambda defs, instance: None)
     monkeypatch.setitem(CALLS, "generations", 0)
     monkeypatch.setitem(CALLS, "eval_scores", 0)
     monkeypatch.setitem(FAIL, "eval_scores", False)
     monkeypatch.setitem(FAIL, "generations_gate", False)
-    return stub
+    return cli_store
 
 
 @pytest.fixture
