@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The method and RL figure columns are named where they are computed.
+from selfimprove_dagster.methods.grpo import HEALTH_COLUMNS
+from selfimprove_dagster.methods.recipe import METRIC_COLUMNS
+
 
 @dataclass(frozen=True)
 class Column:
@@ -286,44 +290,11 @@ TABLE_COLUMNS: dict[str, tuple[Column, ...]] = {
         _c("method", "the round's method"),
         *(
             _c(f"{name}:{_count_or_rate(name)}", "method figure (null where the method has none)")
-            for name in (
-                "pseudo_labeled_prompts",
-                "pseudo_label_precision",
-                "pseudo_label_recall",
-                "judge_unparseable_rate",
-                "judge_unscored",
-                "judge_accuracy",
-                "pair_accuracy",
-                "pairs",
-                "refined",
-                "repaired",
-                "repair_rate",
-                "probed",
-                "broken",
-                "broken_rate",
-                "self_verify_pick_accuracy",
-                "self_verify_sample_accuracy",
-                "self_verify_oracle",
-            )
+            for name in METRIC_COLUMNS
         ),
         *(
             _c(f"{name}:{_count_or_rate(name)}", "online RL health (null for other methods)")
-            for name in (
-                "rl_steps",
-                "rl_rollouts",
-                "rl_reward_first",
-                "rl_reward_last",
-                "rl_reward_mean",
-                "rl_reward_std_mean",
-                "rl_zero_std_fraction",
-                "rl_kl_last",
-                "rl_entropy_first",
-                "rl_entropy_last",
-                "rl_length_first",
-                "rl_length_last",
-                "rl_truncated_fraction",
-                "rl_clip_ratio",
-            )
+            for name in HEALTH_COLUMNS
         ),
         _c("next_temperature:Float64", "auto_temperature: the next round's temperature"),
         _c("next_temperature_reason", "auto_temperature: why"),
