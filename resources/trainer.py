@@ -31,8 +31,9 @@ class TrainerResource(dg.ConfigurableResource):
     micro_batch_tokens: int = Field(
         default=2048,
         ge=64,
-        description="Tokens per forward pass in SFT/DPO: a batch of long sequences is split "
-        "into micro-batches accumulated into one optimizer step (bounds training memory).",
+        description="Tokens per forward pass in SFT/DPO/GRPO/RLOO: a batch of long sequences "
+        "is split into micro-batches accumulated into one optimizer step (bounds training "
+        "memory).",
     )
     seed: int = Field(default=0, description="Training seed.")
     device: Literal["cpu", "cuda"] = Field(

@@ -84,7 +84,7 @@ class TrainParams:
     learning_rate: float = 3e-4  # AdamW peak learning rate
     epochs: int = 2  # passes over the filtered set
     batch_size: int = 16  # examples per optimizer step
-    # Tokens per forward pass (SFT, DPO): see `micro_batch_size`.
+    # Tokens per forward pass (SFT, DPO, GRPO, RLOO): see `micro_batch_size`.
     micro_batch_tokens: int = MICRO_BATCH_TOKENS
     max_length: int = 512  # truncate longer prompt+completion sequences
     seed: int = 0  # data order and LoRA init
@@ -219,7 +219,17 @@ def _build_trainer(objective: str, model, tokenizer, examples, params, output_di
 
         common = _trainer_args(params, output_dir)
         rl = params.rl or RLParams()
-        return build_rl_trainer(objective, model, tokenizer, examples, rl, common, lora, callbacks)
+        return build_rl_trainer(
+            objective,
+            model,
+            tokenizer,
+            examples,
+            rl,
+            common,
+            lora,
+            callbacks,
+            token_budget=params.micro_batch_tokens,
+        )
     raise SelfImproveError(
         f"Unknown training objective `{objective}`", f"use one of: {', '.join(OBJECTIVES)}"
     )

@@ -134,6 +134,33 @@ def test_rl_config_needs_a_batch_that_divides_by_the_group():
     assert "loss_type" not in grpo.rl_config_args("rloo", odd, {})
 
 
+
+def test_rl_micro_batches_split_the_forward_pass_not_the_step():
+    rl = grpo.RLParams(prompts_per_step=8, num_generations=4)  # 32 rollouts per step
+    args = grpo.rl_config_args("grpo", rl, {}, micro_batch=8)
+    assert args["per_device_train_batch_size"] == 8
+    assert args["gradient_accumulation_steps"] == 4  # TRL: one generation batch per step
+    with pytest.raises(SelfImproveError, match="does not divide"):
+        grpo.rl_config_args("grpo", rl, {}, micro_batch=5)
+
+
+class _WordTokenizer:
+    """One token per word: enough for counting prompt lengths."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Encoded", (), {"input_ids": text.split()})()
+
+
+def test_rl_micro_batch_fits_the_longest_prompt_and_completion_in_the_budget():
+    rl = grpo.RLParams(prompts_per_step=8, num_generations=4, max_completion_length=100)
+    examples = [{"prompt": "word " * 100}, {"prompt": "short"}]
+    # longest sequence: 100 prompt + 100 completion + 16 template = 216 tokens
+    assert grpo.rl_micro_batch(rl, examples, _WordTokenizer(), 2048) == 8  # 9 fit: divisor 8
+    assert grpo.rl_micro_batch(rl, examples, _WordTokenizer(), 200) == 1
+    short = grpo.RLParams(prompts_per_step=8, num_generations=4, max_completion_length=16)
+    one_word = [{"prompt": "What is 2 + 3?"}]  # the default task: the whole step at once
+    assert grpo.rl_micro_batch(short, one_word, _WordTokenizer(), 2048) == 32
+
 def _logged(steps: int = 2) -> pl.DataFrame:
     """TRL's completions rows for 2 steps x 1 prompt x 2 rollouts (one right each)."""
     rows = []
@@ -257,6 +284,27 @@ def test_rl_training_records_every_rollout_and_runs_all_planned_steps(
     assert recorder.rollouts["correct"].is_not_null().all()
     assert recorder.steps["step"].to_list() == [1, 2]
     assert recorder.steps["entropy"].is_not_null().all()
+
+
+def test_micro_batched_grpo_still_records_every_rollout_of_each_step(
+    tiny_model, models_dir, tmp_path
+):
+    """A token budget smaller than a step's batch: forward passes are split, the
+    optimizer still steps once per generation batch, and every rollout is recorded."""
+    recorder = grpo.RolloutRecorder("round_000", tiny_model, TINY_RL)
+    manifest = train_lora(
+        "grpo",
+        tiny_model,
+        _examples(),
+        TrainParams(learning_rate=1e-4, rl=TINY_RL, micro_batch_tokens=64),
+        tmp_path / "ckpt",
+        models_dir,
+        after_train=recorder.collect,
+    )
+    assert manifest["micro_batch"] < TINY_RL.batch_size
+    assert manifest["optimizer_steps"] == manifest["planned_steps"] == 2
+    assert recorder.rollouts.height == 8  # 2 steps x 2 prompts x 2 rollouts
+    assert recorder.rollouts.group_by("step").len().sort("step")["len"].to_list() == [4, 4]
 
 
 @pytest.mark.skipif(

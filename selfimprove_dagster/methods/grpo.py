@@ -254,20 +254,36 @@ def format_reward(completions, **kwargs) -> list[float]:
 # --- the trainer -----------------------------------------------------------------
 
 
-def rl_config_args(algorithm: str, rl: RLParams, common: dict[str, Any]) -> dict[str, Any]:
+def rl_config_args(
+    algorithm: str, rl: RLParams, common: dict[str, Any], micro_batch: int | None = None
+) -> dict[str, Any]:
     """GRPOConfig / RLOOConfig arguments: `common` (the shared TrainingArguments of
     `training._trainer_args`) with the RL settings. Checked on CPU (DESIGN.md): bf16 and
-    gradient checkpointing off, batch counted in completions, divisible by the group."""
+    gradient checkpointing off, batch counted in completions, divisible by the group.
+
+    `micro_batch` completions per forward pass (a divisor of the step's batch; default:
+    the whole batch). TRL generates once per `steps_per_generation` micro-batches, which
+    defaults to the accumulation steps: one generation batch (all of the step's
+    rollouts, which `_RolloutLog` copies) still makes exactly one optimizer step, and
+    only the forward and backward passes are split."""
     if rl.batch_size % rl.num_generations:
         raise SelfImproveError(
             f"RL batch of {rl.batch_size} completions does not divide by "
             f"num_generations={rl.num_generations}",
             "set rl_prompts_per_step and rl_num_generations (batch = their product)",
         )
+    micro_batch = micro_batch or rl.batch_size
+    if rl.batch_size % micro_batch:
+        raise SelfImproveError(
+            f"RL micro-batch of {micro_batch} completions does not divide the step's "
+            f"batch of {rl.batch_size}",
+            "set micro_batch_tokens instead (the micro-batch is then its largest "
+            "divisor of the batch that fits)",
+        )
     args = {k: v for k, v in common.items() if k not in ("max_length", "num_train_epochs")}
     args |= {
-        "per_device_train_batch_size": rl.batch_size,
-        "gradient_accumulation_steps": 1,  # one generation batch per step: every rollout logged
+        "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": rl.batch_size // micro_batch,
         "max_steps": rl.steps,
         "num_generations": rl.num_generations,
         "max_completion_length": rl.max_completion_length,
@@ -308,10 +324,35 @@ def rl_dataset(examples: list[dict[str, Any]]):
     )
 
 
+def rl_micro_batch(rl: RLParams, examples, tokenizer, token_budget: int) -> int:
+    """Completions per forward pass: the largest divisor of the step's batch whose
+    sequences (the longest prompt + `max_completion_length`) fit in `token_budget`
+    tokens. Unsplit, a step of 32 rationale rollouts held ~9 GB of logits and their
+    gradients on CPU (a CommonsenseQA round was OOM-killed at 8.7 GB RSS)."""
+    from selfimprove_dagster.training import micro_batch_size
+
+    template_overhead = 16  # the chat template's role markers
+    longest_prompt = max(
+        (len(tokenizer(e["prompt"], add_special_tokens=False).input_ids) for e in examples),
+        default=0,
+    )
+    longest = longest_prompt + rl.max_completion_length + template_overhead
+    return micro_batch_size(rl.batch_size, longest, token_budget)
+
+
 def build_rl_trainer(
-    algorithm: str, model, tokenizer, examples, rl: RLParams, common, lora, callbacks
+    algorithm: str,
+    model,
+    tokenizer,
+    examples,
+    rl: RLParams,
+    common,
+    lora,
+    callbacks,
+    token_budget: int | None = None,
 ):
-    """A TRL GRPOTrainer / RLOOTrainer over `examples` with the LoRA config `lora`."""
+    """A TRL GRPOTrainer / RLOOTrainer over `examples` with the LoRA config `lora`;
+    forward passes split to fit `token_budget` tokens (None: the whole batch at once)."""
     if algorithm not in ALGORITHMS:
         raise SelfImproveError(
             f"Unknown RL algorithm `{algorithm}`", f"use one of: {', '.join(ALGORITHMS)}"
@@ -334,7 +375,8 @@ def build_rl_trainer(
     rewards = [make_verifier_reward(rl.verifier)]
     if rl.format_reward_weight:
         rewards.append(format_reward)
-    config = Config(**rl_config_args(algorithm, rl, common))
+    micro = rl_micro_batch(rl, examples, tokenizer, token_budget) if token_budget else None
+    config = Config(**rl_config_args(algorithm, rl, common, micro))
     trainer = Trainer(
         model=model,
         reward_funcs=rewards,
