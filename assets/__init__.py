@@ -10,12 +10,21 @@ from assets.rounds import checkpoint, critiques, eval_scores, filtered, generati
 
 ROUND_ASSETS = [prompts, generations, critiques, filtered, checkpoint, eval_scores]
 
-round_job = dg.define_asset_job(
-    "round_job",
-    selection=dg.AssetSelection.assets(*ROUND_ASSETS),
-    partitions_def=ROUNDS,
-    description="One self-improvement round: generate -> critique -> filter -> train -> eval.",
-)
+
+
+def define_round_job(run_tags: dict[str, str] | None = None):
+    """The round job; `run_tags` go on every run of it, whoever launches it (the UI's
+    Launchpad, a sensor, the CLI)."""
+    return dg.define_asset_job(
+        "round_job",
+        selection=dg.AssetSelection.assets(*ROUND_ASSETS),
+        partitions_def=ROUNDS,
+        description="One self-improvement round: generate -> critique -> filter -> train -> eval.",
+        run_tags=run_tags,
+    )
+
+
+round_job = define_round_job()
 
 __all__ = [
     "POLICY_ASSETS",
@@ -23,6 +32,7 @@ __all__ = [
     "ROUND_ASSETS",
     "ROUND_CHECKS",
     "policy_automation_sensor",
+    "define_round_job",
     "policy_job",
     "round_job",
 ]

@@ -26,7 +26,9 @@ Stop rules and the policy mode are the fields of `EvolutionResource`. Start the 
 from the UI (Automation → next_round_sensor → Start) or with `dagster sensor start`.
 """
 
-from collections.abc import Iterable
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -309,6 +311,20 @@ class DagsterRecord:
 # Run tag: a fingerprint of every resource setting the run was launched with. A step's
 # tables are reused by a later run only when that run has the same settings.
 SETTINGS_TAG = "selfimprove/settings"
+
+
+def settings_fingerprint(resources: Mapping[str, Any]) -> str:
+    """A hash of every resource setting (`SELFIMPROVE_*` and profile defaults applied):
+    a run's tables are reused by a later run only when this is unchanged. The
+    definitions put it on the round job (`SETTINGS_TAG`), so a round launched from the
+    UI or by a sensor is resumable by `selfimprove run` exactly like one it launched."""
+    settings = {
+        name: resource.model_dump()
+        for name, resource in sorted(resources.items())
+        if hasattr(resource, "model_dump")
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -205,15 +204,10 @@ def refuse_if_running(instance, key: str) -> None:
 
 
 def settings_fingerprint(defs) -> str:
-    """A hash of every resource setting (`SELFIMPROVE_*` and profile defaults applied):
-    a run's tables are reused by a later run only when this is unchanged."""
-    settings = {
-        name: resource.model_dump()
-        for name, resource in sorted(defs.resources.items())
-        if hasattr(resource, "model_dump")
-    }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+    """The fingerprint of `defs`' resource settings (`assets.sensors.settings_fingerprint`)."""
+    from assets.sensors import settings_fingerprint as fingerprint
+
+    return fingerprint(defs.resources)
 
 
 def steps_to_run(defs, record, key: str, settings: str) -> list | None:

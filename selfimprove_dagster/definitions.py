@@ -12,11 +12,16 @@ from assets import (
     POLICY_ASSETS,
     ROUND_ASSETS,
     ROUND_CHECKS,
+    define_round_job,
     policy_automation_sensor,
     policy_job,
-    round_job,
 )
-from assets.sensors import EVOLUTION_SCHEDULES, EVOLUTION_SENSORS
+from assets.sensors import (
+    EVOLUTION_SCHEDULES,
+    EVOLUTION_SENSORS,
+    SETTINGS_TAG,
+    settings_fingerprint,
+)
 from resources import (
     EvolutionResource,
     GatesResource,
@@ -52,21 +57,25 @@ def executor_for(profile: Profile) -> dg.ExecutorDefinition:
 def build_definitions() -> dg.Definitions:
     check_environment()  # a misspelled SELFIMPROVE_* name is an error, not ignored
     profile = active_profile()  # SELFIMPROVE_PROFILE: local (default), gpu, cluster
+    resources = {
+        "storage": from_env(StorageResource, **profile.resource_defaults("storage")),
+        "task": from_env(TaskResource),
+        "generator": from_env(GeneratorResource, **profile.resource_defaults("generator")),
+        "trainer": from_env(TrainerResource, **profile.resource_defaults("trainer")),
+        "method": from_env(MethodResource),
+        "gates": from_env(GatesResource),
+        "evolution": from_env(EvolutionResource),
+    }
+    # Every round run carries the settings it ran with, so a failed one launched from
+    # the UI or by a sensor is resumed by `selfimprove run` when the settings match.
+    round_job = define_round_job(run_tags={SETTINGS_TAG: settings_fingerprint(resources)})
     return dg.Definitions(
         assets=[*ROUND_ASSETS, *POLICY_ASSETS],
         asset_checks=ROUND_CHECKS,
         jobs=[round_job, policy_job],
         sensors=[*EVOLUTION_SENSORS, policy_automation_sensor],
         schedules=EVOLUTION_SCHEDULES,
-        resources={
-            "storage": from_env(StorageResource, **profile.resource_defaults("storage")),
-            "task": from_env(TaskResource),
-            "generator": from_env(GeneratorResource, **profile.resource_defaults("generator")),
-            "trainer": from_env(TrainerResource, **profile.resource_defaults("trainer")),
-            "method": from_env(MethodResource),
-            "gates": from_env(GatesResource),
-            "evolution": from_env(EvolutionResource),
-        },
+        resources=resources,
         executor=executor_for(profile),
     )
 

@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 
 from assets.partitions import ROUNDS
-from assets.sensors import round_steps
+from assets import sensors
+from assets.sensors import SETTINGS_TAG, round_steps
 from resources import StorageResource
 from selfimprove_dagster import cli
 from tests.conftest import StubStorageResource, StubStore
@@ -51,9 +52,16 @@ def eval_gate() -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=True)
 
 
-round_job = dg.define_asset_job(
-    "round_job", selection=[stand_in_generations, stand_in_eval_scores], partitions_def=ROUNDS
-)
+def define_stand_in_round_job(run_tags: dict[str, str] | None = None):
+    return dg.define_asset_job(
+        "round_job",
+        selection=[stand_in_generations, stand_in_eval_scores],
+        partitions_def=ROUNDS,
+        run_tags=run_tags,
+    )
+
+
+round_job = define_stand_in_round_job()
 
 
 @pytest.fixture
@@ -133,6 +141,42 @@ def test_a_re_materialized_parent_round_runs_the_child_whole(defs, store, capsys
     assert "round_001: resuming" not in capsys.readouterr().out
     assert CALLS["generations"] == before["generations"] + 1
 
+
+
+def test_a_round_launched_outside_the_cli_is_resumed_by_it(store, capsys):
+    """A run of the round job launched from the UI's Launchpad or by a sensor (here:
+    executed directly, as the UI would, with no tags of its own) carries the settings
+    the definitions were loaded with, so `selfimprove run` resumes it."""
+    resources = {"storage": StubStorageResource(data_dir=str(store.data_dir))}
+    tagged = define_stand_in_round_job(
+        run_tags={SETTINGS_TAG: sensors.settings_fingerprint(resources)}
+    )
+    defs = dg.Definitions(
+        assets=[stand_in_generations, stand_in_eval_scores],
+        asset_checks=[generations_gate, eval_gate],
+        jobs=[tagged],
+        resources=resources,
+    )
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions("rounds", ["round_000"])
+    FAIL["eval_scores"] = True
+    result = defs.resolve_job_def("round_job").execute_in_process(
+        partition_key="round_000", instance=instance, raise_on_error=False
+    )
+    assert not result.success
+    assert result.dagster_run.tags[SETTINGS_TAG] == cli.settings_fingerprint(defs)
+    FAIL["eval_scores"] = False
+    assert cli._run_rounds(defs, store, 1) == 0
+    assert "round_000: resuming at `eval_scores`" in capsys.readouterr().out
+    assert CALLS == {"generations": 1, "eval_scores": 2}
+
+
+def test_the_code_locations_round_job_tags_its_runs_with_the_settings():
+    from selfimprove_dagster.definitions import build_definitions
+
+    defs = build_definitions()
+    job = defs.resolve_job_def("round_job")
+    assert job.run_tags[SETTINGS_TAG] == cli.settings_fingerprint(defs)
 
 def test_the_settings_fingerprint_follows_every_resource_field(store):
     def fingerprint(data_dir: str) -> str:
