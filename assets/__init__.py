@@ -11,7 +11,6 @@ from assets.rounds import checkpoint, critiques, eval_scores, filtered, generati
 ROUND_ASSETS = [prompts, generations, critiques, filtered, checkpoint, eval_scores]
 
 
-
 def define_round_job(run_tags: dict[str, str] | None = None):
     """The round job; `run_tags` go on every run of it, whoever launches it (the UI's
     Launchpad, a sensor, the CLI)."""

@@ -9,8 +9,8 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets.partitions import ROUNDS
 from assets import sensors
+from assets.partitions import ROUNDS
 from assets.sensors import SETTINGS_TAG, round_steps
 from resources import StorageResource
 from selfimprove_dagster import cli
@@ -142,7 +142,6 @@ def test_a_re_materialized_parent_round_runs_the_child_whole(defs, store, capsys
     assert CALLS["generations"] == before["generations"] + 1
 
 
-
 def test_a_round_launched_outside_the_cli_is_resumed_by_it(store, capsys):
     """A run of the round job launched from the UI's Launchpad or by a sensor (here:
     executed directly, as the UI would, with no tags of its own) carries the settings
@@ -177,6 +176,7 @@ def test_the_code_locations_round_job_tags_its_runs_with_the_settings():
     defs = build_definitions()
     job = defs.resolve_job_def("round_job")
     assert job.run_tags[SETTINGS_TAG] == cli.settings_fingerprint(defs)
+
 
 def test_the_settings_fingerprint_follows_every_resource_field(store):
     def fingerprint(data_dir: str) -> str:

@@ -134,7 +134,6 @@ def test_rl_config_needs_a_batch_that_divides_by_the_group():
     assert "loss_type" not in grpo.rl_config_args("rloo", odd, {})
 
 
-
 def test_rl_micro_batches_split_the_forward_pass_not_the_step():
     rl = grpo.RLParams(prompts_per_step=8, num_generations=4)  # 32 rollouts per step
     args = grpo.rl_config_args("grpo", rl, {}, micro_batch=8)
@@ -160,6 +159,7 @@ def test_rl_micro_batch_fits_the_longest_prompt_and_completion_in_the_budget():
     short = grpo.RLParams(prompts_per_step=8, num_generations=4, max_completion_length=16)
     one_word = [{"prompt": "What is 2 + 3?"}]  # the default task: the whole step at once
     assert grpo.rl_micro_batch(short, one_word, _WordTokenizer(), 2048) == 32
+
 
 def _logged(steps: int = 2) -> pl.DataFrame:
     """TRL's completions rows for 2 steps x 1 prompt x 2 rollouts (one right each)."""
