@@ -356,6 +356,9 @@ def critiques(
         sampling=generator.sampling(round_index(round_)),
         settings=method.settings(),
         log=context.log.info,
+        # The prompts' format (SELFIMPROVE_ANSWER_FORMAT sets the generator's and the
+        # task's): with rationale, a sample cut off before its final answer has none.
+        answer_format=generator.answer_format,
     )
     frame = result.critiques
     version = _save(
@@ -627,6 +630,7 @@ def eval_scores(
             sampling=sampling,
             pass_at_k_prompts=task.pass_at_k_prompts,
             log=context.log.info,
+            answer_format=generator.answer_format,  # as in `critiques`
         )
 
     before = previous_accuracy(store, parent, eval_set)

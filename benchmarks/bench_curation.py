@@ -29,10 +29,11 @@ next to the row-by-row path, in one run.
 The row-by-row paths run on `--row-sample` rows (they are slow) and are reported per
 row; their verdicts are compared with the vectorized ones on those rows. Each timing is
 the best of `--repeats`. Prints rows/s, the CPU seconds the vectorized run got (all
-threads; rows per CPU-second moves less with the load than rows/s) and CPU/wall (the
-cores the run got: about 1 on a busy machine, see `_report`), the ratio, and the
-load average: other work on the machine moves the absolute figures (compare runs only
-at a similar load); the ratio holds better because both paths run in the same process.
+threads; rows per CPU-second and CPU seconds per 1M rows move less with the load than
+rows/s) and CPU/wall (the cores the run got: about 1 on a busy machine, see
+`_report`), the ratio, and the load average: other work on the machine moves the
+absolute figures (compare runs only at a similar load); the ratio holds better because
+both paths run in the same process.
 Target: >= 1M rows/s for numeric verify + filter on 2 cores.
 """
 
@@ -257,6 +258,7 @@ def _report(
         f"    CPU time of that run {fast_cpu:6.2f} s   {rows / fast_cpu:12,.0f} rows per CPU-second"
         f"   CPU/wall {fast_cpu / fast_s:4.2f}"
     )
+    print(f"    CPU seconds per 1M rows {fast_cpu / rows * 1e6:5.2f}")
     print(
         f"  row by row (Python)   {slow_s:7.2f} s   {slow_rate:12,.0f} rows/s"
         f"  (on {row_sample:,} rows)"

@@ -36,21 +36,31 @@ def evaluate_policy(
     sampling: Sampling,
     pass_at_k_prompts: int,
     log: LogFn | None = None,
+    answer_format: str = "short",
 ) -> EvalResult:
-    """Score `engine`'s policy on the held-out prompts (`prompt_id`, `prompt`, `answer`)."""
+    """Score `engine`'s policy on the held-out prompts (`prompt_id`, `prompt`, `answer`).
+
+    With `answer_format` rationale a reply cut off at the token limit before a final
+    answer is wrong (reason `cut_off`), as in the round's critiques.
+    """
     prompts = eval_set["prompt"].to_list()
     rows = eval_set.select(
         "answer", *[c for c in _VERIFIER_COLUMNS if c in eval_set.columns]
     ).to_dicts()
     greedy = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, seed=sampling.seed)
     greedy_out = engine.generate(prompts, 1, greedy, log=log)
-    greedy_verdicts = verify_rows([c.text for c in greedy_out], rows)
+    greedy_verdicts = verify_rows(
+        [c.text for c in greedy_out], _with_cut_off(rows, greedy_out, answer_format)
+    )
 
     n_sampled = min(pass_at_k_prompts, len(prompts)) if k > 0 else 0
     correct_counts: list[int | None] = [None] * len(prompts)
     if n_sampled:
         sampled = engine.generate(prompts[:n_sampled], k, sampling, log=log)
-        verdicts = verify_rows([c.text for c in sampled], [rows[c.prompt_index] for c in sampled])
+        verdicts = verify_rows(
+            [c.text for c in sampled],
+            _with_cut_off([rows[c.prompt_index] for c in sampled], sampled, answer_format),
+        )
         for c, verdict in zip(sampled, verdicts, strict=True):
             ok = verdict.correct
             correct_counts[c.prompt_index] = (correct_counts[c.prompt_index] or 0) + int(ok)
@@ -79,6 +89,16 @@ def evaluate_policy(
         k=k,
         details=details,
     )
+
+
+def _with_cut_off(rows: list[dict], completions: list, answer_format: str) -> list[dict]:
+    # The verifiers' `cut_off` row field (verifiers.numeric.verify): rationale format only.
+    if answer_format != "rationale":
+        return rows
+    return [
+        {**row, "cut_off": c.finish_reason == "length"}
+        for row, c in zip(rows, completions, strict=True)
+    ]
 
 
 def previous_accuracy(

@@ -77,6 +77,44 @@ def test_rationalized_rows_train_without_the_hint(round_frames):
     assert rationalize.rationalized_share(filtered) == 1.0
 
 
+class CutOffHintReader(HintReader):
+    """Test-only policy: with a hint, every sample stops at the token limit mid-way,
+    the hinted number its last number ("... so far 57, then"), no final answer line."""
+
+    def generate(self, prompts, n, sampling, log=None):
+        def cut(c: Completion) -> Completion:
+            hint = re.search(r"the correct answer is (\S+?)\.", prompts[c.prompt_index])
+            if hint is None:
+                return c
+            text = f"Step 1: add the tens. Step 2: so far {hint.group(1)}, then"
+            return Completion(c.prompt_index, c.sample_index, text, 20, 64, "length")
+
+        return [cut(c) for c in super().generate(prompts, n, sampling, log)]
+
+
+@pytest.mark.parametrize("answer_format, kept", [("rationale", 0), ("short", 4)])
+def test_a_hinted_rationale_cut_off_before_its_answer_is_not_kept(
+    round_frames, answer_format, kept
+):
+    prompts, generations, _ = round_frames
+    engine = CutOffHintReader()
+    settings = MethodSettings(rationalize=True, rationalize_samples=1)
+    result = critique_round(
+        parse_method("star"),
+        generations,
+        prompts,
+        lambda: engine,
+        SAMPLING,
+        settings,
+        answer_format=answer_format,
+    )
+    rationalizer = result.critiques.filter(pl.col("critic") == "rationalizer")
+    expected = "cut_off" if answer_format == "rationale" else "correct"
+    assert set(rationalizer["reason"]) == {expected}
+    filtered = star.filter_accepted(generations, result.critiques, 1, result.refinements)
+    assert filtered.height == kept
+
+
 def test_solved_prompts_and_code_rows_are_not_rationalized(round_frames):
     prompts, generations, _ = round_frames
     critiques = star.critique_generations(generations, prompts)

@@ -287,3 +287,51 @@ def test_critiques_in_slices_equal_one_piece(monkeypatch):
     one_piece = star.critique_generations(generations, prompts)
     assert sliced.equals(one_piece)
     assert set(sliced["reason"]) >= {"correct", "wrong_answer", "no_answer"}
+
+
+# --- the finders' matches stripped to their number, plain numbers as they stand -----
+
+
+def test_whitespace_chars_are_what_rust_reads_as_whitespace():
+    # `numeric._WHITESPACE` strips what the Rust patterns' `\s` matched (White_Space).
+    chars = pl.Series([chr(c) for c in range(0x3100)])
+    rust = set(chars.filter(chars.str.contains(r"^\s$")).to_list())
+    assert rust == set(numeric._WHITESPACE)
+
+
+# Decoration between a keyword and its number, case-folded letters ("ſ" is an "s" to
+# both engines; "ı", "İ" and "\x1f" only to Python's, so those rows go to Python),
+# Unicode spaces and digits, and numbers with and without leading zeros and decimals.
+_DECORATED_PIECES = ["The ANSWER is", "answer would be", "Answer: approximately", "anſwer iſ"]
+_DECORATED_PIECES += ["answer ıs", "equal to", "= $", "=**", "#### $", "\\boxed{", "}", "(", "["]
+_DECORATED_PIECES += ["{", "$ ", "\u2003", "\u3000", "\x1f", "\n", " ", "\u0663", "007", "0.50"]
+_DECORATED_PIECES += ["1.", ".5", "%", "!", "42", "-", "10", "x", "0", "1,000", "is"]
+
+
+def test_numeric_frame_agrees_on_decorated_replies():
+    rng = random.Random(11)
+    completions = [
+        "".join(rng.choice(_DECORATED_PIECES) for _ in range(rng.randint(0, 9)))
+        for _ in range(8000)
+    ]
+    answers = [rng.choice(["42", "7", "0.5", "1000", "10"]) for _ in completions]
+    out = numeric.verify_frame(pl.DataFrame({"completion": completions, "answer": answers}))
+    expected = [numeric.verify(c, a) for c, a in zip(completions, answers, strict=True)]
+    mismatches = [
+        (c, e, g)
+        for c, e, g in zip(completions, expected, _frame_verdicts(out), strict=True)
+        if e != g
+    ]
+    assert not mismatches, mismatches[:5]
+
+
+def test_canonical_answers_equal_python_canonical():
+    # Raw answers as the finders leave them: maybe one character before the number
+    # (a "-" before it makes a negative candidate, which Python decides).
+    rng = random.Random(12)
+    leads = ["", "", " ", "(", "$", "+", "x", "\u2003"]
+    numbers = ["5", "57", "007", "0", "57.0", "1.50", "0.0", ".5", "1,234", "$ 12", "-3", "10"]
+    raw = [rng.choice(leads) + rng.choice(numbers) for _ in range(3000)] + [None]
+    got = numeric.canonical_answers(pl.Series(raw, dtype=pl.String)).to_list()
+    expected = [None if r is None else numeric._canonical(re.sub(r"^[^\d$-]", "", r)) for r in raw]
+    assert got == expected

@@ -62,8 +62,14 @@ def rationalize(
     sampling: Sampling,
     samples: int,
     log: LogFn | None = None,
+    reject_cut_off: bool = False,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Hinted samples for each unsolved prompt, judged by the prompt's verifier.
+
+    `reject_cut_off` (rationale rounds): a sample that stopped at the token limit has
+    no final answer line, and a number the verifier's last-resort search finds in it is
+    not taken as the answer (reason `cut_off`, as in `star.critique_generations`): a
+    hinted rationale cut off mid-way often still contains the hinted number.
 
     Returns (rationalizations, critiques). Rationalizations rows: round, generation_id,
     parent_generation_id (null), prompt_id, sample_index, prompt (without the hint),
@@ -84,7 +90,13 @@ def rationalize(
         _no_hint_talk(c.text, v)
         for c, v in zip(
             completions,
-            verify_rows([c.text for c in completions], [_verifier_row(r) for r in judged_rows]),
+            verify_rows(
+                [c.text for c in completions],
+                [
+                    _verifier_row(r) | {"cut_off": reject_cut_off and c.finish_reason == "length"}
+                    for c, r in zip(completions, judged_rows, strict=True)
+                ],
+            ),
             strict=True,
         )
     ]

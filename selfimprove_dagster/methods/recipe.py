@@ -117,24 +117,29 @@ def critique_round(
     sampling: Sampling,
     settings: MethodSettings,
     log: LogFn | None = None,
+    answer_format: str = "short",
 ) -> RoundCritiques:
     """Run the recipe's critic over the round's generations, then Self-Refine if on,
     then STaR rationalization if on (star only: `settings.rationalize`).
 
     `load_policy` builds the round's policy engine; it is called only when the recipe
     needs the model (judge, refinement), and the engine is closed afterwards.
+    `answer_format` is the round's prompt format: with `rationale` the verifier rejects
+    a sample cut off at the token limit before a final answer (`star.critique_generations`).
     """
     rationalizing = settings.rationalize and recipe.critic == "star"
     needs_model = recipe.critic in ("self_judge", "self_verify") or recipe.refine or rationalizing
     engine = load_policy() if needs_model else None
     try:
-        critiques = _first_critique(recipe, generations, prompts, engine, sampling, settings, log)
+        critiques = _first_critique(
+            recipe, generations, prompts, engine, sampling, settings, log, answer_format
+        )
 
         def finish(done: RoundCritiques) -> RoundCritiques:
             if not rationalizing:
                 return done
             return _with_rationalization(
-                done, engine, generations, prompts, sampling, settings, log
+                done, engine, generations, prompts, sampling, settings, log, answer_format
             )
 
         if not recipe.refine:
@@ -164,7 +169,7 @@ def critique_round(
 
 
 def _with_rationalization(
-    done: RoundCritiques, engine, generations, prompts, sampling, settings, log
+    done: RoundCritiques, engine, generations, prompts, sampling, settings, log, answer_format
 ) -> RoundCritiques:
     """STaR rationalization after the verifier: hinted rationales for unsolved train
     prompts, their critiques appended, the accepted ones trainable (`refinements` rows
@@ -174,16 +179,22 @@ def _with_rationalization(
     round_ = generations["round"][0] if generations.height else ""
     unsolved = rationalize.unsolved_prompts(prompts, done.critiques, settings.rationalize_max)
     rationales, critiques = rationalize.rationalize(
-        engine, unsolved, round_, sampling, settings.rationalize_samples, log=log
+        engine,
+        unsolved,
+        round_,
+        sampling,
+        settings.rationalize_samples,
+        log=log,
+        reject_cut_off=answer_format == "rationale",
     )
     all_critiques = pl.concat([done.critiques, critiques], how="diagonal_relaxed")
     side = [f for f in (done.refinements, rationales) if f is not None]
     return RoundCritiques(all_critiques, pl.concat(side, how="diagonal_relaxed"))
 
 
-def _first_critique(recipe, generations, prompts, engine, sampling, settings, log):
+def _first_critique(recipe, generations, prompts, engine, sampling, settings, log, answer_format):
     if recipe.critic == "star" or recipe.online:  # RL: the verifier is the reward
-        return star.critique_generations(generations, prompts)
+        return star.critique_generations(generations, prompts, answer_format)
     if recipe.critic == "self_verify":
         return self_verify.critique_by_likelihood(engine, generations, prompts, log=log)
     if recipe.critic == "self_consistency":

@@ -73,29 +73,21 @@ def choice_map(choices: object) -> dict[str, str]:
 
 def extract_choice(completion: str, choices: Mapping[str, str] | None = None) -> str | None:
     """The label a reply chose (upper-case), or None when it names none of `choices`."""
-    labels = set(choices) if choices else None
-    for pattern in (_ANSWER_RE, _BOXED_RE):
-        found = [m.group(1).upper() for m in pattern.finditer(completion)]
-        found = [f for f in found if labels is None or f in labels]
-        if found:
-            return found[-1]
-    lines = {m.group(1).upper() for m in _LINE_RE.finditer(completion)}
-    if len(lines) > 1:
-        return None  # it listed the options
-    if lines:
-        line = lines.pop()
-        return line if labels is None or line in labels else None
-    match = _BARE_RE.search(completion.strip())
-    if match and (labels is None or match.group(1).upper() in labels):
-        return match.group(1).upper()
-    return _choice_by_text(completion, choices) if choices else None
+    return _find_choice(completion, choices)[0]
 
 
 def verify_row(completion: str, row: Mapping[str, Any]) -> Verdict:
-    """Whether `completion` picks `row["answer"]` among `row["choices"]`."""
+    """Whether `completion` picks `row["answer"]` among `row["choices"]`.
+
+    `row["cut_off"]` (absent: False): the reply stopped at the token limit in a round
+    that asks for reasoning and a final "Answer: X" line. An option named only in the
+    reasoning (the option-text fallback) is then not a choice: reason `cut_off`.
+    """
     choices = choice_map(row.get("choices"))
     reference = reference_label(row.get("answer"), choices)
-    extracted = extract_choice(completion, choices)
+    extracted, by_text = _find_choice(completion, choices)
+    if extracted is not None and by_text and row.get("cut_off"):
+        return Verdict(correct=False, extracted=None, reason="cut_off")
     if extracted is None:
         return Verdict(correct=False, extracted=None, reason="no_answer")
     if extracted == reference:
@@ -111,8 +103,9 @@ def verify_rows(completions: list[str], rows: list[Mapping[str, Any]]) -> list[V
             "answer": [
                 reference_label(r.get("answer"), choice_map(r.get("choices"))) for r in rows
             ],
+            "cut_off": [bool(r.get("cut_off")) for r in rows],
         },
-        schema={"completion": pl.String, "answer": pl.String},
+        schema={"completion": pl.String, "answer": pl.String, "cut_off": pl.Boolean},
     )
     choices = [choice_map(r.get("choices")) for r in rows]
     out = verify_frame(frame, choices)
@@ -161,26 +154,43 @@ def verify_frame(
     choices: list[Mapping[str, str]] | None = None,
     choices_by_prompt: Mapping[str, Mapping[str, str]] | None = None,
 ) -> pl.DataFrame:
-    """Vectorized verdicts for a frame with `completion` and `answer` (the correct label).
+    """Vectorized verdicts for a frame with `completion` and `answer` (the correct label),
+    and optionally `cut_off` (Boolean, `verify_row`'s `row["cut_off"]` per row).
 
     Returns the frame with `extracted`, `correct` and `reason`. Rows where no label rule
     matches fall back to the option-text search when `choices` (one mapping per row) or
     `choices_by_prompt` (one mapping per `prompt_id` of the frame) are given; label
     rules ignore labels outside a row's choices only on that fallback path.
     """
-    out = frame.with_columns(extracted=label_expr(pl.col("completion")))
+    out = frame.with_columns(extracted=label_expr(pl.col("completion")), _by_text=pl.lit(False))
     if choices is not None:
         out = _fallback_to_text(out, choices)
     elif choices_by_prompt is not None:
         out = _fallback_by_prompt(out, choices_by_prompt)
-    return out.with_columns(
-        correct=pl.col("extracted").is_not_null() & (pl.col("extracted") == pl.col("answer")),
-        reason=pl.when(pl.col("extracted").is_null())
-        .then(pl.lit("no_answer"))
-        .when(pl.col("extracted") == pl.col("answer"))
-        .then(pl.lit("correct"))
-        .otherwise(pl.lit("wrong_answer")),
-    ).with_columns(pl.col("correct").fill_null(False))
+    cut = pl.lit(False)
+    if "cut_off" in out.columns:
+        # A cut-off rationale that names an option only in its reasoning chose none.
+        cut = (
+            pl.col("cut_off").fill_null(False)
+            & pl.col("_by_text")
+            & pl.col("extracted").is_not_null()
+        )
+    return (
+        out.with_columns(_cut=cut)
+        .with_columns(extracted=pl.when(~pl.col("_cut")).then(pl.col("extracted")))
+        .with_columns(
+            correct=pl.col("extracted").is_not_null() & (pl.col("extracted") == pl.col("answer")),
+            reason=pl.when(pl.col("_cut"))
+            .then(pl.lit("cut_off"))
+            .when(pl.col("extracted").is_null())
+            .then(pl.lit("no_answer"))
+            .when(pl.col("extracted") == pl.col("answer"))
+            .then(pl.lit("correct"))
+            .otherwise(pl.lit("wrong_answer")),
+        )
+        .with_columns(pl.col("correct").fill_null(False))
+        .drop("_by_text", "_cut")
+    )
 
 
 # --- helpers ---------------------------------------------------------------------
@@ -191,13 +201,38 @@ def _last_group(text: pl.Expr, pattern: str) -> pl.Expr:
     return text.str.extract(r"(?s)^.*" + pattern, 1)
 
 
+def _find_choice(completion: str, choices: Mapping[str, str] | None) -> tuple[str | None, bool]:
+    # `extract_choice`, and whether the label came from the option-text search.
+    labels = set(choices) if choices else None
+    for pattern in (_ANSWER_RE, _BOXED_RE):
+        found = [m.group(1).upper() for m in pattern.finditer(completion)]
+        found = [f for f in found if labels is None or f in labels]
+        if found:
+            return found[-1], False
+    lines = {m.group(1).upper() for m in _LINE_RE.finditer(completion)}
+    if len(lines) > 1:
+        return None, False  # it listed the options
+    if lines:
+        line = lines.pop()
+        return (line if labels is None or line in labels else None), False
+    match = _BARE_RE.search(completion.strip())
+    if match and (labels is None or match.group(1).upper() in labels):
+        return match.group(1).upper(), False
+    return (_choice_by_text(completion, choices), True) if choices else (None, False)
+
+
 def _fallback_to_text(frame: pl.DataFrame, choices: list[Mapping[str, str]]) -> pl.DataFrame:
+    # Also sets `_by_text`: the label came from the option-text search.
     extracted = frame["extracted"].to_list()
+    by_text = [False] * len(extracted)
     completions = frame["completion"].to_list()
     for i, (label, options) in enumerate(zip(extracted, choices, strict=True)):
         if label is None or label not in options:
-            extracted[i] = extract_choice(completions[i], options)
-    return frame.with_columns(extracted=pl.Series(extracted, dtype=pl.String))
+            extracted[i], by_text[i] = _find_choice(completions[i], options)
+    return frame.with_columns(
+        extracted=pl.Series(extracted, dtype=pl.String),
+        _by_text=pl.Series(by_text, dtype=pl.Boolean),
+    )
 
 
 def _fallback_by_prompt(
@@ -235,24 +270,28 @@ def _fallback_by_prompt(
     )
     normalized: dict[str, dict[str, str]] = {}  # a prompt's options, normalized once
 
-    def by_text(completion: str, prompt: str) -> str | None:
+    def by_text(completion: str, prompt: str) -> tuple[str | None, bool]:
         if prompt not in normalized:
             options = choices_by_prompt[prompt]
             normalized[prompt] = {label: _norm(o) for label, o in options.items()}
-        return _mentioned(_norm(completion), normalized[prompt])
+        return _mentioned(_norm(completion), normalized[prompt]), True
 
-    def outside(completion: str, prompt: str) -> str | None:
-        return extract_choice(completion, choices_by_prompt[prompt])
+    def outside(completion: str, prompt: str) -> tuple[str | None, bool]:
+        return _find_choice(completion, choices_by_prompt[prompt])
 
-    found = frame["extracted"]
+    # Also sets `_by_text`: the label came from the option-text search.
+    found, found_by_text = frame["extracted"], frame["_by_text"]
     for column, judge in (("outside", outside), ("by_text", by_text)):
         rows = tests[column].arg_true()
         if len(rows):
             completions = frame["completion"].gather(rows).to_list()
             prompts = frame["prompt_id"].gather(rows).to_list()
             picked = [judge(c, p) for c, p in zip(completions, prompts, strict=True)]
-            found = found.scatter(rows, pl.Series(picked, dtype=pl.String))
-    return frame.with_columns(found)
+            found = found.scatter(rows, pl.Series([p[0] for p in picked], dtype=pl.String))
+            found_by_text = found_by_text.scatter(
+                rows, pl.Series([p[1] for p in picked], dtype=pl.Boolean)
+            )
+    return frame.with_columns(found, found_by_text)
 
 
 def _choice_by_text(completion: str, choices: Mapping[str, str]) -> str | None:

@@ -13,6 +13,7 @@ TRL reward functions) without torch.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -77,21 +78,22 @@ def extract_answer(text: str) -> str | None:
     "Answer: N", the last "= N", a first line that is just a number, and finally the
     last number anywhere in the text.
     """
-    text = _clean(text)
-    for finder in (_last_gsm8k, _last_boxed, _last_answer_phrase, _last_equals, _first_line):
-        found = finder(text)
-        if found is not None:
-            return found
-    return _last_number(text)
+    return _find_answer(text)[0]
 
 
-def verify(completion: str, answer: str) -> Verdict:
+def verify(completion: str, answer: str, cut_off: bool = False) -> Verdict:
     """Whether `completion` states the reference `answer` (numbers compared within 1e-6).
 
     `answer` may be a bare number ("1,234") or a GSM8K solution ending in "#### N".
+    `cut_off`: the reply stopped at the token limit in a round that asks for reasoning
+    and a final "Answer: X" line; a number found only by the last-number fallback is
+    then whatever the reasoning reached when it was cut, not an answer (reason
+    `cut_off`).
     """
     reference = _reference(answer)
-    extracted = extract_answer(completion)
+    extracted, fallback = _find_answer(completion)
+    if extracted is not None and fallback and cut_off:
+        return Verdict(correct=False, extracted=None, reason="cut_off")
     if extracted is None:
         return Verdict(correct=False, extracted=None, reason="no_answer")
     if _same_number(extracted, reference):
@@ -138,6 +140,16 @@ def correctness_reward(
 def _clean(text: str) -> str:
     # Models emit the Unicode minus and non-breaking spaces; treat them as ASCII.
     return text.replace("\u2212", "-").replace("\u00a0", " ")
+
+
+def _find_answer(text: str) -> tuple[str | None, bool]:
+    # `extract_answer`, and whether the answer came from the last-number fallback.
+    text = _clean(text)
+    for finder in (_last_gsm8k, _last_boxed, _last_answer_phrase, _last_equals, _first_line):
+        found = finder(text)
+        if found is not None:
+            return found, False
+    return _last_number(text), True
 
 
 def _canonical(number: str) -> str | None:
@@ -218,13 +230,14 @@ def _completion_text(completion: object) -> str:
 
 
 def verify_row(completion: str, row: Mapping[str, Any]) -> Verdict:
-    """`verify` for a problem row (the dispatcher's interface): reads `row["answer"]`."""
+    """`verify` for a problem row (the dispatcher's interface): reads `row["answer"]`
+    and `row["cut_off"]` (see `verify`; absent: False)."""
     if row.get("answer") is None:
         raise SelfImproveError(
             "the numeric verifier got a row without an `answer`",
             "give every problem row a reference answer in an `answer` column",
         )
-    return verify(completion, str(row["answer"]))
+    return verify(completion, str(row["answer"]), bool(row.get("cut_off")))
 
 
 def verify_rows(completions: list[str], rows: list[Mapping[str, Any]]) -> list[Verdict]:
@@ -233,8 +246,12 @@ def verify_rows(completions: list[str], rows: list[Mapping[str, Any]]) -> list[V
         if row.get("answer") is None:
             verify_row("", row)  # raises the missing-answer error
     frame = pl.DataFrame(
-        {"completion": list(completions), "answer": [str(r["answer"]) for r in rows]},
-        schema={"completion": pl.String, "answer": pl.String},
+        {
+            "completion": list(completions),
+            "answer": [str(r["answer"]) for r in rows],
+            "cut_off": [bool(r.get("cut_off")) for r in rows],
+        },
+        schema={"completion": pl.String, "answer": pl.String, "cut_off": pl.Boolean},
     )
     out = verify_frame(frame)
     return [
@@ -259,43 +276,62 @@ def verify_rows(completions: list[str], rows: list[Mapping[str, Any]]) -> list[V
 _V_DIGITS = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
 _V_NUM = rf"-?\$?\s?{_V_DIGITS}(?:\.\d+)?"
 _V_LEAD = r"[\s*$\\({\[]*"
-_V_GSM8K = rf"####\s*({_V_NUM})"
+_V_GSM8K = rf"####\s*{_V_NUM}"
 _V_BOXED = r"\\boxed\s*\{([^{}]*)\}"
 _V_ANSWER = (
     r"(?i)\banswer\b"
     r"(?:\s+(?:is|was|would\s+be|will\s+be|should\s+be))?"
     r"\s*[:=]?\s*"
     r"(?:(?:approximately|about|exactly|simply|just|equal\s+to)\s+)?"
-    rf"{_V_LEAD}({_V_NUM})"
+    rf"{_V_LEAD}{_V_NUM}"
 )
-_V_EQUALS = rf"=\s*{_V_LEAD}({_V_NUM})"
-_V_TAIL = rf"({_V_NUM})$"
-_V_LAST_NUMBER = rf"(?:^|[^\w.])({_V_NUM})"
+_V_EQUALS = rf"=\s*{_V_LEAD}{_V_NUM}"
+_V_LAST_NUMBER = rf"(?:^|[^\w.]){_V_NUM}"
 # The first non-blank line is a bare number: `[^\S\n]` is whitespace within the line.
 _V_SP = r"[^\S\n]"
 _V_FIRST_LINE = (
-    rf"^\s*(?:{_V_SP}|[*$\\({{\[])*(-?\$?{_V_SP}?{_V_DIGITS}(?:\.\d+)?)"
+    rf"^\s*(?:{_V_SP}|[*$\\({{\[])*-?\$?{_V_SP}?{_V_DIGITS}(?:\.\d+)?"
     rf"{_V_SP}*[*$\\)}}\]]*{_V_SP}*%?{_V_SP}*[.!]?{_V_SP}*(?:\n|$)"
 )
+# Every character Rust's `\s` matches (Unicode White_Space; a test checks the list).
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+_WHITESPACE += "\u2028\u2029\u202f\u205f\u3000"
+# What a finder's match may hold before its number: the keyword ("####", "=", the
+# words of the answer phrase, with the case-folded "ſ", "ı" and "İ"), ":", spaces and
+# the decoration of `_V_LEAD`. A number starts with "-", "$", a space or a digit, so
+# stripping these characters off the match's start leaves the number (maybe without
+# its "$" or space, which `_canonical` drops anyway). Taking the matches whole
+# (`extract_all`) and stripping them costs a fraction of a capture group.
+_KEYWORD_CHARS = string.ascii_letters + "\u017f\u0131\u0130#:=*$\\({[" + _WHITESPACE
+# The first line's match is the number between the decoration (`_V_LEAD`'s characters
+# before it; `*$\)}]`, "%", "." or "!" after it) and whitespace.
+_LINE_START_CHARS = "*$\\({[" + _WHITESPACE
+_LINE_END_CHARS = "*$\\)}]%.!" + _WHITESPACE
 # Rows the expressions leave to Python: see above (a run of 16 digits, dots and commas
 # is a number that may have more than 15 significant digits); plus the Unicode minus
-# and no-break space (`_clean` rewrites them) and line breaks other than "\n"
-# (`str.splitlines` splits on them, the first-line regex does not).
-_V_DEFER = r",\d{4}|[\u2212\u00a0\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]|[\d.,]{16,}"
+# and no-break space (`_clean` rewrites them), line breaks other than "\n"
+# (`str.splitlines` splits on them, the first-line regex does not), "\x1f" (Python's
+# `\s` matches it, Rust's does not), the dotted and dotless i (Python's `(?i)i`
+# matches them, Rust's does not) and digits other than 0-9 (`Decimal` reads "\u0663"
+# as 3, the string comparison does not).
+_V_DEFER = (
+    r",\d{4}|[\u2212\u00a0\r\x0b\x0c\x1c-\x1f\x85\u2028\u2029\u0130\u0131]|[\d.,]{16,}"
+    r"|[\p{Nd}--0-9]"
+)
 # A reference answer that is a plain number of at most 25 digits: `normalize_number`
-# returns `_canonical` of the whole string, which `with_canonical` computes exactly
+# returns `_canonical` of the whole string, which `_canonical_stages` computes exactly
 # (Decimal rounds only beyond 28 digits). Other references go through Python.
 _V_PLAIN_REFERENCE = r"^-?\d{1,15}(?:\.\d{1,10})?$"
+# A raw answer that is a whole number without leading zeros, maybe after the one
+# character before it that the last-number finder keeps: canonical as it stands
+# (without that character). Most answers are; the others go through the stages.
+_V_PLAIN_RAW = r"^[^\d$\-]?[1-9][0-9]*$"
 
-Frame = pl.DataFrame | pl.LazyFrame
 
-
-def with_raw_answer(
-    frame: pl.DataFrame, completion: str, target: str, **extra: pl.Expr
-) -> pl.DataFrame:
-    """`frame` plus column `target`: the number `extract_answer` picks, not yet canonical
-    (it may keep one leading non-number character, which `with_canonical` drops), and
-    the `extra` columns, computed in the same pass as the finders' literal tests.
+def raw_answers(completions: pl.Series) -> tuple[pl.Series, pl.Series]:
+    """(raw, fallback): the number `extract_answer` picks from each completion, not yet
+    canonical (it may keep one character before the number, "$" or spaces, which
+    `canonical_answers` drops), and whether it came from the last-number fallback.
 
     The finders run in `extract_answer`'s order, each only on the rows no earlier finder
     answered and for which a cheap literal test says it can match: those rows are
@@ -303,50 +339,66 @@ def with_raw_answer(
     regex and no finder touches the other rows (masking them as nulls instead still
     costs several passes over the whole column per finder).
     """
-    text = pl.col(completion)
-    flags = frame.select(
-        _gsm=text.str.contains("####", literal=True),
-        _box=text.str.contains("\\boxed", literal=True),
+    text = pl.col("t")
+    flags = completions.to_frame("t").select(
+        _rare=text.str.contains(r"####|\\boxed"),  # one pass for both: few replies have either
         _ans=text.str.contains(r"(?i)answer"),
         _eq=text.str.contains("=", literal=True),
-        **extra,
     )
-    finders = {
-        "_gsm": lambda t: _v_last(t, _V_GSM8K),
-        "_box": lambda t: (
-            t.str.extract(r"(?s)^.*" + _V_BOXED, 1).str.extract_all(_V_LAST_NUMBER).list.last()
-        ),
-        "_ans": lambda t: _v_last(t, _V_ANSWER),
-        "_eq": lambda t: _v_last(t, _V_EQUALS),
-        "_first": lambda t: t.str.extract(_V_FIRST_LINE, 1),
-        "_last": lambda t: t.str.extract_all(_V_LAST_NUMBER).list.last(),
-    }
-    texts = frame[completion]
-    raw = pl.repeat(None, frame.height, dtype=pl.String, eager=True)
-    open_ = pl.repeat(True, frame.height, dtype=pl.Boolean, eager=True)  # no answer yet
-    for name, finder in finders.items():
-        rows = (open_ & flags[name] if name in flags.columns else open_).arg_true()
+    # (name, the literal test a row must pass or None for every open row, the finder)
+    boxed = r"(?s)^.*" + _V_BOXED
+    finders = [
+        ("gsm8k", "_rare", lambda t: _v_last_number(t, _V_GSM8K)),
+        ("boxed", "_rare", lambda t: _v_last(t.str.extract(boxed, 1), _V_LAST_NUMBER)),
+        ("answer phrase", "_ans", lambda t: _v_last_number(t, _V_ANSWER)),
+        ("equals", "_eq", lambda t: _v_last_number(t, _V_EQUALS)),
+        ("first line", None, lambda t: _first_line_number(t.str.extract_all(_V_FIRST_LINE))),
+        ("last number", None, lambda t: _v_last(t, _V_LAST_NUMBER)),
+    ]
+    raw = pl.repeat(None, len(completions), dtype=pl.String, eager=True)
+    open_ = pl.repeat(True, len(completions), dtype=pl.Boolean, eager=True)  # no answer yet
+    for name, flag, finder in finders:
+        if name == "last number":
+            fallback = open_.clone()  # `scatter` below changes `open_` in place
+        rows = (open_ if flag is None else open_ & flags[flag]).arg_true()
         if not len(rows):
             continue
-        found = texts.gather(rows).to_frame("t").select(finder(pl.col("t"))).to_series()
+        found = completions.gather(rows).to_frame("t").select(finder(pl.col("t"))).to_series()
         hit = found.is_not_null()
         raw = raw.scatter(rows.filter(hit), found.filter(hit))
         open_ = open_.scatter(rows.filter(hit), False)
-    return frame.with_columns(*(flags[name] for name in extra), raw.alias(target))
+    return raw, fallback & raw.is_not_null()
 
 
-def with_canonical(frame: Frame, source: str, target: str) -> Frame:
-    """`frame` plus column `target`: `_canonical` of `source` ("$1.50" -> "1.5",
-    "57.0" -> "57", "007" -> "7") after dropping a leading character that cannot start
-    a number ("(5" -> "5", as `with_raw_answer` leaves it). Built in stages: one nested
-    expression would repeat its shared sub-expressions many times over."""
+def canonical_answers(raw: pl.Series) -> pl.Series:
+    """`_canonical` of each raw answer (`raw_answers`) after dropping a leading character
+    that cannot start a number ("(5" -> "5"): a plain whole number is already canonical,
+    the others go through `_canonical_stages`."""
+    r = pl.col("r")
+    frame = raw.to_frame("r")
+    plain = frame.select(r.str.contains(_V_PLAIN_RAW).fill_null(False)).to_series()
+    # Right for the plain rows only; the other rows are overwritten below.
+    out = frame.select(
+        pl.when(r.str.contains("^[1-9]")).then(r).otherwise(r.str.slice(1))
+    ).to_series()
+    rest = (~plain & raw.is_not_null()).arg_true()
+    if len(rest):
+        out = out.scatter(rest, _canonical_stages(raw.gather(rest)))
+    return out
+
+
+def _canonical_stages(numbers: pl.Series) -> pl.Series:
+    """`_canonical` of each number ("$1.50" -> "1.5", "57.0" -> "57", "007" -> "7") after
+    dropping a leading character that cannot start a number ("(5" -> "5", as
+    `raw_answers` may leave it). Built in stages: one nested expression would repeat
+    its shared sub-expressions many times over."""
     digits = pl.col("_d")
     magnitude = pl.col("_m")
-    staged = (
-        frame.lazy()
-        # A raw answer may start with the character before its number ("(5", " 5"):
-        # dropped here with the spaces, "$" and "," (one regex pass for both).
-        .with_columns(_d=pl.col(source).str.replace_all(r"^[^\d$-]|[\s$,]", ""))
+    return (
+        numbers.to_frame("n")
+        .lazy()
+        # Dropped with the spaces, "$" and "," (one regex pass for both).
+        .select(_d=pl.col("n").str.replace_all(r"^[^\d$-]|[\s$,]", ""))
         .with_columns(
             _m=pl.when(digits.str.contains(".", literal=True))
             .then(digits.str.strip_chars_end("0").str.strip_chars_end("."))
@@ -361,15 +413,14 @@ def with_canonical(frame: Frame, source: str, target: str) -> Frame:
             .then(pl.concat_str(pl.lit("0"), magnitude))
             .otherwise(magnitude)
         )
-        .with_columns(
+        .select(
             pl.when(digits.str.starts_with("-") & (magnitude != "0"))
             .then(pl.concat_str(pl.lit("-"), magnitude))
             .otherwise(magnitude)
-            .alias(target)
         )
-        .drop("_d", "_m")
+        .collect()
+        .to_series()
     )
-    return _like(frame, staged)
 
 
 def references(answers: pl.Series, strict: bool = True) -> pl.Series:
@@ -379,8 +430,7 @@ def references(answers: pl.Series, strict: bool = True) -> pl.Series:
     when not `strict`."""
     if answers.dtype == pl.String:
         plain = pl.when(pl.col("a").str.contains(_V_PLAIN_REFERENCE)).then(pl.col("a"))
-        fast = with_canonical(pl.DataFrame({"a": answers}).lazy().select(p=plain), "p", "r")
-        out = fast.collect()["r"]
+        out = canonical_answers(answers.to_frame("a").select(plain).to_series())
     else:
         out = pl.Series(values=[None] * len(answers), dtype=pl.String)
     rest = answers.filter(out.is_null())
@@ -401,64 +451,88 @@ def _reference_or_none(answer: Any, strict: bool) -> str | None:
 
 
 def verify_frame(frame: pl.DataFrame, reference: str | None = None) -> pl.DataFrame:
-    """Vectorized `verify` for a frame with `completion` and `answer` (reference) columns.
+    """Vectorized `verify` for a frame with `completion` and `answer` (reference) columns,
+    and optionally `cut_off` (Boolean, `verify`'s argument per row).
 
     Returns the frame with `extracted`, `correct` and `reason`, equal to the row-by-row
     `verify` (tests check this on a corpus); the few rows the Rust regexes cannot decide
     (see above) go through `verify` itself. `reference` names a column that already
     holds `references(answer)` (computed once per prompt by the caller).
     """
-    out = with_raw_answer(
-        frame.with_columns(
-            _reference=references(frame["answer"]) if reference is None else pl.col(reference)
-        ),
-        "completion",
-        "_raw",
-        _defer=pl.col("completion").str.contains(_V_DEFER),
-    )
-    out = with_canonical(out.lazy(), "_raw", "extracted")
+    completions = frame["completion"]
+    raw, fallback = raw_answers(completions)
+    found = canonical_answers(raw).alias("extracted")
     extracted, ref = pl.col("extracted"), pl.col("_reference")
+    reason = pl.when(extracted.is_null()).then(pl.lit("no_answer"))
+    side = [
+        pl.Series(
+            "_reference", references(frame["answer"]) if reference is None else frame[reference]
+        ),
+        completions.to_frame("t").select(_defer=pl.col("t").str.contains(_V_DEFER)).to_series(),
+    ]
+    if "cut_off" in frame.columns:
+        # A cut-off rationale's number from the last-number fallback is not an answer.
+        cut = (frame["cut_off"].fill_null(False) & fallback).alias("_cut")
+        found = found.scatter(cut.arg_true(), None)
+        reason = pl.when("_cut").then(pl.lit("cut_off")).when(extracted.is_null())
+        reason = reason.then(pl.lit("no_answer"))
+        side.append(cut)
     # Canonical strings are equal exactly when the numbers are. Two different numbers
     # with at most 5 decimals each differ by at least 1e-5 > TOLERANCE: wrong. Only a
     # pair where one has 6 or more decimals may be within the tolerance; Python decides.
-    out = out.with_columns(
-        correct=extracted.is_not_null() & (extracted == ref).fill_null(False),
-        _defer=pl.col("_defer")
-        | extracted.str.starts_with("-").fill_null(False)
-        | ((extracted != ref) & (_many_decimals(extracted) | _many_decimals(ref))).fill_null(False),
-    ).with_columns(
-        reason=pl.when(extracted.is_null())
-        .then(pl.lit("no_answer"))
-        .when(pl.col("correct"))
-        .then(pl.lit("correct"))
-        .otherwise(pl.lit("wrong_answer"))
+    judged = (
+        frame.with_columns(found, *side)
+        .with_columns(
+            correct=(extracted == ref).fill_null(False),
+            _defer=pl.col("_defer")
+            | extracted.str.starts_with("-").fill_null(False)
+            | ((extracted != ref) & (_many_decimals(extracted) | _many_decimals(ref))).fill_null(
+                False
+            ),
+        )
+        .with_columns(
+            reason=reason.when(pl.col("correct"))
+            .then(pl.lit("correct"))
+            .otherwise(pl.lit("wrong_answer"))
+        )
+        .drop("_reference", "_cut", strict=False)
     )
-    judged = out.drop("_raw", "_reference").collect(engine="streaming")
     deferred = judged["_defer"].arg_true()
     if len(deferred):
         judged = _verify_deferred(judged, deferred)
     return judged.drop("_defer")
 
 
-def _like(frame: Frame, staged: pl.LazyFrame) -> Frame:
-    # The helpers take either kind of frame and give back the same kind.
-    return staged.collect(engine="streaming") if isinstance(frame, pl.DataFrame) else staged
-
-
 def _many_decimals(number: pl.Expr) -> pl.Expr:
     return number.str.len_bytes() - number.str.find(".", literal=True) > 6
 
 
+def _first_line_number(matches: pl.Expr) -> pl.Expr:
+    # The first line's match is the number between decoration and whitespace.
+    first = matches.list.first()
+    return first.str.strip_chars_start(_LINE_START_CHARS).str.strip_chars_end(_LINE_END_CHARS)
+
+
 def _v_last(text: pl.Expr, pattern: str) -> pl.Expr:
-    # The last of the non-overlapping matches (Python's `finditer` order), then the
-    # number that ends it: every finder pattern ends in its number.
-    return text.str.extract_all(pattern).list.last().str.extract(_V_TAIL, 1)
+    # The last of the non-overlapping matches (Python's `finditer` order).
+    return text.str.extract_all(pattern).list.last()
+
+
+def _v_last_number(text: pl.Expr, pattern: str) -> pl.Expr:
+    # The number that ends the last match: each such pattern is a keyword, spaces and
+    # decoration (`_KEYWORD_CHARS`), then the number.
+    return _v_last(text, pattern).str.strip_chars_start(_KEYWORD_CHARS)
 
 
 def _verify_deferred(out: pl.DataFrame, rows: pl.Series) -> pl.DataFrame:
     completions = out["completion"].gather(rows).to_list()
     answers = out["answer"].gather(rows).to_list()
-    verdicts = [verify(c, a) for c, a in zip(completions, answers, strict=True)]
+    cut = (
+        out["cut_off"].gather(rows).fill_null(False).to_list()
+        if "cut_off" in out.columns
+        else [False] * len(rows)
+    )
+    verdicts = [verify(c, a, k) for c, a, k in zip(completions, answers, cut, strict=True)]
     return out.with_columns(
         out["extracted"].scatter(rows, [v.extracted for v in verdicts]),
         out["correct"].scatter(rows, [v.correct for v in verdicts]),
