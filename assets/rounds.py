@@ -497,12 +497,13 @@ def checkpoint(
     # Training needs the memory (or the GPU) a kept generation engine holds; and the
     # checkpoint about to be written must not be served from a stale engine.
     generator.release_engine()
-    recorder = grpo.RolloutRecorder(round_, trained_from, trainer.rl_params())
+    rl = trainer.rl_params(generator.answer_format)
+    recorder = grpo.RolloutRecorder(round_, trained_from, rl)
     manifest = train_lora(
         recipe.objective,
         trained_from,
         methods.training_examples(recipe, frame, store.read(round_, "prompts")),
-        trainer.params(recipe.objective),
+        trainer.params(recipe.objective, generator.answer_format),
         out_dir,
         store.models_dir,
         manifest_extra={

@@ -80,8 +80,9 @@ class TrainerResource(dg.ConfigurableResource):
         "mode (the gpu profile); otherwise transformers.",
     )
 
-    def params(self, objective: str = "sft") -> TrainParams:
-        """Hyper-parameters for `objective` (DPO takes its own learning rate and beta)."""
+    def params(self, objective: str = "sft", answer_format: str = "short") -> TrainParams:
+        """Hyper-parameters for `objective` (DPO takes its own learning rate and beta;
+        grpo/rloo the round's `answer_format`, see `rl_params`)."""
         return TrainParams(
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
@@ -92,11 +93,13 @@ class TrainerResource(dg.ConfigurableResource):
             seed=self.seed,
             beta=self.dpo_beta,
             device=self.device,
-            rl=self.rl_params() if objective in ("grpo", "rloo") else None,
+            rl=self.rl_params(answer_format) if objective in ("grpo", "rloo") else None,
         )
 
-    def rl_params(self) -> RLParams:
-        """Settings of an online RL round (grpo / rloo)."""
+    def rl_params(self, answer_format: str = "short") -> RLParams:
+        """Settings of an online RL round (grpo / rloo); `answer_format` is the round's
+        prompt format (with `rationale` a rollout cut off at the limit earns nothing
+        from the verifier's last-resort answer: `RLParams.reject_cut_off`)."""
         return RLParams(
             steps=self.rl_steps,
             prompts_per_step=self.rl_prompts_per_step,
@@ -107,6 +110,7 @@ class TrainerResource(dg.ConfigurableResource):
             loss_type=self.rl_loss_type,
             format_reward_weight=self.rl_format_reward_weight,
             use_vllm=self.rl_use_vllm,
+            reject_cut_off=answer_format == "rationale",
         )
 
     def _learning_rate(self, objective: str) -> float:

@@ -96,6 +96,40 @@ def test_verifier_reward_scores_with_the_verifier_and_logs_the_verdicts():
     assert logged["completion_tokens"] == [1, 2, 3]
 
 
+def test_a_rationale_rollout_cut_off_at_the_limit_earns_no_last_number_reward():
+    """With `cut_off_at` (rationale rounds) a rollout of the full token budget is judged
+    without the last-number fallback; one that wrote its final answer line still earns."""
+    unfinished = "Step 1: 40 + 2 is 42, then"  # the right number, mid-reasoning
+    finished = "40 + 2 = 42.\nAnswer: 42"
+    kwargs = {"prompts": [None] * 3, "answer": ["42"] * 3, "prompt_id": ["a"] * 3}
+    completions = [unfinished, finished, unfinished]
+    ids = [[0] * 8, [0] * 8, [0] * 5]  # budget 8: the first two hit it
+
+    assert grpo.make_verifier_reward()(completions=completions, completion_ids=ids, **kwargs) == [
+        1.0,
+        1.0,
+        1.0,
+    ]
+    logged: dict[str, list] = {}
+    cut = grpo.make_verifier_reward(cut_off_at=8)(
+        completions=completions,
+        completion_ids=ids,
+        log_extra=lambda column, values: logged.__setitem__(column, values),
+        **kwargs,
+    )
+    assert cut == [0.0, 1.0, 1.0]
+    assert logged["reason"] == ["cut_off", "correct", "correct"]
+
+
+def test_the_trainer_resource_rejects_cut_off_rollouts_only_in_rationale_rounds():
+    from resources import TrainerResource
+
+    trainer = TrainerResource()
+    assert trainer.rl_params("rationale").reject_cut_off
+    assert not trainer.rl_params("short").reject_cut_off
+    assert trainer.params("grpo", "rationale").rl.reject_cut_off
+
+
 def test_the_reward_judges_a_multiple_choice_round_by_its_prompts_verifier():
     # The trainer's rows carry each prompt's verifier columns, so a CommonsenseQA-style
     # round is rewarded by the multiple-choice verifier, not read as numbers.

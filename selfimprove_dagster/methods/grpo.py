@@ -82,6 +82,10 @@ class RLParams:
     vllm_mode: str = "colocate"  # TRL vLLM mode: colocate (same process) or server
     vllm_gpu_memory_utilization: float = 0.3  # colocate: the GPU share vLLM may take
     verifier: str | None = None  # verifier name for every row (None: the row's, or numeric)
+    # Rationale rounds: a rollout that used all `max_completion_length` tokens was cut
+    # off, and a number the verifier's last-resort search finds in it earns no reward
+    # (reason cut_off, as in the critiques): else RL would pay for unfinished reasoning.
+    reject_cut_off: bool = False
     extra: dict = field(default_factory=dict)  # further GRPOConfig / RLOOConfig arguments
 
     @property
@@ -214,8 +218,14 @@ def _text(completion: Any) -> str:
 _TRL_KWARGS = {"trainer_state", "log_extra", "log_metric", "environments", "completion_ids"}
 
 
-def make_verifier_reward(verifier: str | None = None) -> Callable[..., list[float]]:
+def make_verifier_reward(
+    verifier: str | None = None, cut_off_at: int | None = None
+) -> Callable[..., list[float]]:
     """A TRL reward function: 1.0 when the round's verifier accepts the completion.
+
+    `cut_off_at` (rationale rounds: `max_completion_length`): a completion of that many
+    tokens stopped at the limit, and the verifier judges it with `cut_off` set (no
+    last-resort answer, `star.critique_generations`' rule).
 
     It also logs, per rollout, the verdict's extracted answer and reason, the reference
     answer, the prompt id and the completion's token count as extra columns of TRL's
@@ -230,6 +240,9 @@ def make_verifier_reward(verifier: str | None = None) -> Callable[..., list[floa
             if k not in _TRL_KWARGS and isinstance(v, list | tuple) and len(v) == n
         }
         rows = [{k: v[i] for k, v in columns.items()} for i in range(n)]
+        ids = kwargs.get("completion_ids")
+        if cut_off_at is not None and ids:
+            rows = [r | {"cut_off": len(t) >= cut_off_at} for r, t in zip(rows, ids, strict=True)]
         texts = [_text(c) for c in completions]
         verdicts = _verify(texts, rows, verifier)
         log_extra = kwargs.get("log_extra")
@@ -239,7 +252,6 @@ def make_verifier_reward(verifier: str | None = None) -> Callable[..., list[floa
             log_extra("correct", [v.correct for v in verdicts])
             log_extra("extracted_answer", [v.extracted for v in verdicts])
             log_extra("reason", [v.reason for v in verdicts])
-            ids = kwargs.get("completion_ids")
             log_extra("completion_tokens", [len(t) for t in ids] if ids else [None] * n)
         return [1.0 if v.correct else 0.0 for v in verdicts]
 
@@ -372,7 +384,8 @@ def build_rl_trainer(
         from trl import RLOOConfig as Config
         from trl import RLOOTrainer as Trainer
 
-    rewards = [make_verifier_reward(rl.verifier)]
+    cut_off_at = rl.max_completion_length if rl.reject_cut_off else None
+    rewards = [make_verifier_reward(rl.verifier, cut_off_at)]
     if rl.format_reward_weight:
         rewards.append(format_reward)
     micro = rl_micro_batch(rl, examples, tokenizer, token_budget) if token_budget else None
