@@ -1,8 +1,8 @@
 """A rationale cut off at the token limit is not an answer: with answer_format=rationale,
 a sample that stopped at the limit (finish_reason "length") whose number (or option)
-was found only by the verifier's last-resort fallback is rejected with reason
-`cut_off`; a final answer it did write is judged as usual, and the short format keeps
-the fallback."""
+was read only from its reasoning (the verifier's last "= N" or last-number finders)
+is rejected with reason `cut_off`; a final answer it did write is judged as usual,
+and the short format keeps the fallback."""
 
 from __future__ import annotations
 
@@ -41,12 +41,32 @@ def test_cut_off_reasoning_read_only_by_the_last_number_is_cut_off():
     assert verify_row(CUT_REASONING, {"answer": "8", "cut_off": True}).reason == "cut_off"
 
 
+# A real GSM8K round_000 sample (192-token limit): intermediate arithmetic, cut off; its
+# last "= N" is the reference 10.
+CUT_AT_EQUALS = (
+    "- The bat and ball together are 5:1, so the total is 10:1 (bat + ball = bat + ball "
+    "= bat + ball = 5 times bat + 5 times ball).\n- Then, determine the total number of "
+    "hours (bat + ball = 5 times bat + 5 times ball = bat + ball = 10:1).\n- Now, "
+    "determine the"
+)
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [(CUT_AT_EQUALS, "10"), ("20 + 40 = 60, 3 + 5 = 8, so 60 + 8 = 68 and", "68")],
+)
+def test_cut_off_reasoning_read_by_its_last_equals_is_cut_off(completion, answer):
+    assert numeric.verify(completion, answer).correct  # not cut off: "= N" is read
+    assert numeric.verify(completion, answer, cut_off=True) == Verdict(False, None, "cut_off")
+    frame = pl.DataFrame({"completion": [completion], "answer": [answer], "cut_off": [True]})
+    assert _frame_verdicts(numeric.verify_frame(frame)) == [Verdict(False, None, "cut_off")]
+
+
 @pytest.mark.parametrize(
     "completion",
     [
         CUT_REASONING + "\nAnswer: 8\nNow let me check",  # the answer line came before the cut
         CUT_REASONING + ", so the answer is 8 and",
-        "20 + 40 = 60, 3 + 5 = 8, so 60 + 8 = 68 and",  # "= N"
         "\\boxed{68} because 20 plus",
         "#### 68\nThe reasoning",
         "68\nBecause 20 plus 40 makes 60 and 3 plus",  # a bare-number first line

@@ -86,13 +86,14 @@ def verify(completion: str, answer: str, cut_off: bool = False) -> Verdict:
 
     `answer` may be a bare number ("1,234") or a GSM8K solution ending in "#### N".
     `cut_off`: the reply stopped at the token limit in a round that asks for reasoning
-    and a final "Answer: X" line; a number found only by the last-number fallback is
-    then whatever the reasoning reached when it was cut, not an answer (reason
-    `cut_off`).
+    and a final "Answer: X" line; a number read from the reasoning (the last "= N", or
+    the last number anywhere) is then whatever the reasoning reached when it was cut,
+    not an answer (reason `cut_off`). A GSM8K rationale cut off at "... 10:1 (bat +
+    ball = 10:1)" was accepted for the reference 10 before "= N" counted here.
     """
     reference = _reference(answer)
-    extracted, fallback = _find_answer(completion)
-    if extracted is not None and fallback and cut_off:
+    extracted, provisional = _find_answer(completion)
+    if extracted is not None and provisional and cut_off:
         return Verdict(correct=False, extracted=None, reason="cut_off")
     if extracted is None:
         return Verdict(correct=False, extracted=None, reason="no_answer")
@@ -143,12 +144,13 @@ def _clean(text: str) -> str:
 
 
 def _find_answer(text: str) -> tuple[str | None, bool]:
-    # `extract_answer`, and whether the answer came from the last-number fallback.
+    # `extract_answer`, and whether the answer is provisional: read from reasoning (the
+    # last "= N" or the last number) rather than stated as a final answer.
     text = _clean(text)
     for finder in (_last_gsm8k, _last_boxed, _last_answer_phrase, _last_equals, _first_line):
         found = finder(text)
         if found is not None:
-            return found, False
+            return found, finder is _last_equals
     return _last_number(text), True
 
 
@@ -329,9 +331,10 @@ _V_PLAIN_RAW = r"^[^\d$\-]?[1-9][0-9]*$"
 
 
 def raw_answers(completions: pl.Series) -> tuple[pl.Series, pl.Series]:
-    """(raw, fallback): the number `extract_answer` picks from each completion, not yet
-    canonical (it may keep one character before the number, "$" or spaces, which
-    `canonical_answers` drops), and whether it came from the last-number fallback.
+    """(raw, provisional): the number `extract_answer` picks from each completion, not
+    yet canonical (it may keep one character before the number, "$" or spaces, which
+    `canonical_answers` drops), and whether it was read from reasoning (the "= N" or
+    the last-number finder) rather than stated as a final answer.
 
     The finders run in `extract_answer`'s order, each only on the rows no earlier finder
     answered and for which a cheap literal test says it can match: those rows are
@@ -357,17 +360,18 @@ def raw_answers(completions: pl.Series) -> tuple[pl.Series, pl.Series]:
     ]
     raw = pl.repeat(None, len(completions), dtype=pl.String, eager=True)
     open_ = pl.repeat(True, len(completions), dtype=pl.Boolean, eager=True)  # no answer yet
+    provisional = pl.repeat(False, len(completions), dtype=pl.Boolean, eager=True)
     for name, flag, finder in finders:
-        if name == "last number":
-            fallback = open_.clone()  # `scatter` below changes `open_` in place
         rows = (open_ if flag is None else open_ & flags[flag]).arg_true()
         if not len(rows):
             continue
         found = completions.gather(rows).to_frame("t").select(finder(pl.col("t"))).to_series()
-        hit = found.is_not_null()
-        raw = raw.scatter(rows.filter(hit), found.filter(hit))
-        open_ = open_.scatter(rows.filter(hit), False)
-    return raw, fallback & raw.is_not_null()
+        hit = rows.filter(found.is_not_null())
+        raw = raw.scatter(hit, found.filter(found.is_not_null()))
+        open_ = open_.scatter(hit, False)
+        if name in ("equals", "last number"):  # read from reasoning: `_find_answer`
+            provisional = provisional.scatter(hit, True)
+    return raw, provisional
 
 
 def canonical_answers(raw: pl.Series) -> pl.Series:
@@ -460,7 +464,7 @@ def verify_frame(frame: pl.DataFrame, reference: str | None = None) -> pl.DataFr
     holds `references(answer)` (computed once per prompt by the caller).
     """
     completions = frame["completion"]
-    raw, fallback = raw_answers(completions)
+    raw, provisional = raw_answers(completions)
     found = canonical_answers(raw).alias("extracted")
     extracted, ref = pl.col("extracted"), pl.col("_reference")
     reason = pl.when(extracted.is_null()).then(pl.lit("no_answer"))
@@ -471,8 +475,8 @@ def verify_frame(frame: pl.DataFrame, reference: str | None = None) -> pl.DataFr
         completions.to_frame("t").select(_defer=pl.col("t").str.contains(_V_DEFER)).to_series(),
     ]
     if "cut_off" in frame.columns:
-        # A cut-off rationale's number from the last-number fallback is not an answer.
-        cut = (frame["cut_off"].fill_null(False) & fallback).alias("_cut")
+        # A cut-off rationale's number read from its reasoning is not an answer.
+        cut = (frame["cut_off"].fill_null(False) & provisional).alias("_cut")
         found = found.scatter(cut.arg_true(), None)
         reason = pl.when("_cut").then(pl.lit("cut_off")).when(extracted.is_null())
         reason = reason.then(pl.lit("no_answer"))
