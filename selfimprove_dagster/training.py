@@ -47,6 +47,8 @@ from selfimprove_dagster.store.versions import publish_dir, staging_dir
 # is split into micro-batches accumulated into the same optimizer step, so the update
 # (`batch_size` examples) and the step count stay what they were.
 MICRO_BATCH_TOKENS = 2048
+# Tokens the chat template adds to a prompt (role markers), counted into its length.
+TEMPLATE_OVERHEAD_TOKENS = 16
 
 
 def micro_batch_size(batch_size: int, longest_tokens: int, token_budget: int) -> int:
@@ -60,7 +62,6 @@ def micro_batch_size(batch_size: int, longest_tokens: int, token_budget: int) ->
 def longest_example_tokens(objective: str, examples: list[dict[str, str]], tokenizer) -> int:
     """Tokens in the longest training sequence (the chat template's few extra tokens
     included). DPO runs chosen and rejected in one forward pass: both count."""
-    template_overhead = 16
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False).input_ids)
@@ -71,7 +72,7 @@ def longest_example_tokens(objective: str, examples: list[dict[str, str]], token
         ]
     else:
         lengths = [count(e["prompt"]) + count(e["completion"]) for e in examples]
-    return max(lengths, default=0) + template_overhead
+    return max(lengths, default=0) + TEMPLATE_OVERHEAD_TOKENS
 
 
 @dataclass(frozen=True)

@@ -339,16 +339,15 @@ def rl_dataset(examples: list[dict[str, Any]]):
 def rl_micro_batch(rl: RLParams, examples, tokenizer, token_budget: int) -> int:
     """Completions per forward pass: the largest divisor of the step's batch whose
     sequences (the longest prompt + `max_completion_length`) fit in `token_budget`
-    tokens. Unsplit, a step of 32 rationale rollouts held ~9 GB of logits and their
-    gradients on CPU (a CommonsenseQA round was OOM-killed at 8.7 GB RSS)."""
-    from selfimprove_dagster.training import micro_batch_size
+    tokens. Unsplit, one step of 32 CommonsenseQA rollouts peaked at 13.1 GB RSS on
+    CPU, 7.1 GB in micro-batches of 16 (`benchmarks/bench_rl_memory.py`)."""
+    from selfimprove_dagster.training import TEMPLATE_OVERHEAD_TOKENS, micro_batch_size
 
-    template_overhead = 16  # the chat template's role markers
     longest_prompt = max(
         (len(tokenizer(e["prompt"], add_special_tokens=False).input_ids) for e in examples),
         default=0,
     )
-    longest = longest_prompt + rl.max_completion_length + template_overhead
+    longest = longest_prompt + rl.max_completion_length + TEMPLATE_OVERHEAD_TOKENS
     return micro_batch_size(rl.batch_size, longest, token_budget)
 
 
