@@ -6,16 +6,15 @@ import dagster as dg
 from assets.checks import ROUND_CHECKS
 from assets.partitions import ROUNDS
 from assets.policy import POLICY_ASSETS, policy_automation_sensor, policy_job
-from assets.rounds import checkpoint, critiques, eval_scores, filtered, generations, prompts
-
-ROUND_ASSETS = [prompts, generations, critiques, filtered, checkpoint, eval_scores]
+from assets.record import ROUND_JOB
+from assets.rounds import ROUND_ASSETS
 
 
 def define_round_job(run_tags: dict[str, str] | None = None):
     """The round job; `run_tags` go on every run of it, whoever launches it (the UI's
     Launchpad, a sensor, the CLI)."""
     return dg.define_asset_job(
-        "round_job",
+        ROUND_JOB,
         selection=dg.AssetSelection.assets(*ROUND_ASSETS),
         partitions_def=ROUNDS,
         description="One self-improvement round: generate -> critique -> filter -> train -> eval.",

@@ -15,7 +15,9 @@ materializes them in process after each round (`policy_job`).
 
 import dagster as dg
 
-from assets.sensors import EVAL_SCORES, DagsterRecord, round_graph
+from assets.checks import ROUND_CHECKS
+from assets.record import EVAL_SCORES, DagsterRecord, round_graph
+from assets.rounds import ROUND_ASSETS
 from resources import StorageResource
 from selfimprove_dagster.evolution import history_table, promotion
 from selfimprove_dagster.plots import markdown_image, render_history
@@ -37,7 +39,8 @@ POLICY_AUTOMATION = dg.AutomationCondition.eager() & NO_FAILED_BLOCKING_CHECKS
 
 
 def _record(context: dg.AssetExecutionContext) -> DagsterRecord:
-    return DagsterRecord(context.instance, round_graph(context))
+    # policy_job runs without the round assets: read the record against their graph.
+    return DagsterRecord(context.instance, round_graph(context, ROUND_ASSETS, ROUND_CHECKS))
 
 
 @dg.asset(
@@ -55,7 +58,7 @@ def promoted_policy(
     (DuckDB view `promoted_policy`)."""
     store = storage.store()
     record = _record(context)
-    chosen = promotion(record.history(store, record.completed_rounds()))
+    chosen = promotion(store.eval_history(record.done_rounds()))
     path = store.write_promoted(chosen.frame())
     context.log.info(store.refresh_catalog())
     context.log.info(f"promoted policy: {chosen.reason}")
@@ -86,8 +89,8 @@ def history(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.M
     store = storage.store()
     record = _record(context)
     materialized = [key for key in record.rounds() if record.round(key).materialized]
-    rounds = record.history(store, materialized)
-    chosen = promotion(record.history(store, record.completed_rounds()))
+    rounds = store.eval_history(materialized)
+    chosen = promotion(store.eval_history(record.done_rounds()))
     table = history_table(rounds, chosen.round)
     metadata = {
         "dagster/row_count": table.height,

@@ -4,7 +4,7 @@
 
 A GRPO step holds the logits of its rollouts (SmolLM2's vocabulary: 49,152 tokens) for
 the policy's forward and backward pass and the reference pass. `micro_batch_tokens`
-(`methods.grpo.rl_micro_batch`) splits a step's forward and backward passes; this runs
+(`training.rl.rl_micro_batch`) splits a step's forward and backward passes; this runs
 the same step (the real embedded model, LoRA, one optimizer step of
 `--prompts x --generations` rollouts on CommonsenseQA train questions, the answer
 format of the round) twice, each in a fresh process so that its peak resident memory
@@ -33,11 +33,11 @@ def one_step(args: argparse.Namespace, budget: int) -> dict:
     from selfimprove_dagster.models import DEFAULT_MODEL
     from selfimprove_dagster.sources.answer_format import apply_answer_format
     from selfimprove_dagster.sources.datasets import load_commonsenseqa
-    from selfimprove_dagster.training import TrainParams, train_lora
+    from selfimprove_dagster.training import RLParams, TrainParams, train_lora
 
     problems = load_commonsenseqa(args.data, n_train=args.prompts, n_eval=1, seed=0)
     train = apply_answer_format(problems, args.answer_format).filter(split="train")
-    rl = grpo.RLParams(
+    rl = RLParams(
         steps=1,
         prompts_per_step=args.prompts,
         num_generations=args.generations,

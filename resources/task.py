@@ -182,6 +182,9 @@ class TaskResource(dg.ConfigurableResource):
                     f"seed task file {self.seed_tasks_path} does not exist",
                     "set SELFIMPROVE_SEED_TASKS_PATH to Self-Instruct's seed_tasks.jsonl",
                 )
+        # Dataset train rows dropped as contaminated land in this list (recorded in the
+        # round's prompt_candidates by `round_prompts`).
+        contaminated: list[dict] = []
         return PromptPlan(
             weights=weights,
             n_train=self.n_train,
@@ -192,7 +195,8 @@ class TaskResource(dg.ConfigurableResource):
             curriculum=curriculum,
             synthesis=synthesis,
             seed_tasks_path=self.seed_tasks_path,
-            load_problems=self.problem_loader(),
+            load_problems=self.problem_loader(contaminated if self.drop_contaminated else None),
+            contaminated=contaminated,
         )
 
     def problem_loader(

@@ -8,8 +8,8 @@ import dagster as dg
 from pydantic import Field
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.methods.grpo import RLParams
 from selfimprove_dagster.training import TrainParams
+from selfimprove_dagster.training.params import RLParams
 
 
 class TrainerResource(dg.ConfigurableResource):

@@ -10,7 +10,7 @@ rounds started here show in the UI afterwards. Recipe knobs are the resources' f
 set with `SELFIMPROVE_<FIELD>` environment variables (e.g. SELFIMPROVE_N_TRAIN=100).
 
 A round is done when Dagster recorded it (its eval_scores materialization, its blocking
-checks passed, nothing upstream re-materialized since: `assets/sensors.py`), never
+checks passed, nothing upstream re-materialized since: `assets/record.py`), never
 because a file exists. Every command but `lineage` first marks runs whose process died
 as failed (`mark_orphaned_runs`). Only public Dagster APIs here (tests grep for that).
 """
@@ -67,7 +67,7 @@ def dagster_record(defs=None):
     """The instance's record of the rounds, read against the code location's graph."""
     import dagster as dg
 
-    from assets.sensors import DagsterRecord, RoundGraph
+    from assets.record import DagsterRecord, RoundGraph
 
     if defs is None:
         from selfimprove_dagster.definitions import build_definitions
@@ -78,7 +78,7 @@ def dagster_record(defs=None):
 
 def gate_summary(state) -> str:
     """A round's gates column: "ok (n)", the failed ones, or why it is stale."""
-    bad = state.gates.failed + [f"{name} (not run)" for name in state.gates.not_run]
+    bad = [*state.failed_gates, *(f"{name} (not run)" for name in state.unrun_gates)]
     if bad:
         return "failed: " + ", ".join(bad)
     if state.newer:
@@ -96,7 +96,7 @@ def status_rows(store: RoundStore, record=None) -> list[dict]:
     states = {key: record.round(key) for key in record.rounds()}
     recorded = [key for key, state in states.items() if state.materialized]
     done = [key for key in recorded if states[key].done]
-    promoted = promotion(record.history(store, done)).round
+    promoted = promotion(store.eval_history(done)).round
     rows = []
     for key in recorded:
         scores = store.read(key, "eval_scores").row(0, named=True)
@@ -177,19 +177,17 @@ def run_rounds(store: RoundStore, rounds: int) -> int:
 def round_to_run(record, store: RoundStore, key: str) -> str | None:
     """Why `key` must (re)run, or None when it is done and its checkpoint chain verifies
     (a re-materialized parent breaks the chain of every later round: they run again)."""
-    from assets.sensors import chain_problem
-
     if key not in record.rounds():
         return "not started"
     state = record.round(key)
     if not state.done:
         return state.problem() or "not done"
-    return chain_problem(store, key)
+    return store.chain_problem(key)
 
 
 def refuse_if_running(instance, key: str) -> None:
     """A second run of a round that is being materialized is refused."""
-    from assets.sensors import unfinished_round_runs
+    from assets.record import unfinished_round_runs
 
     running = unfinished_round_runs(instance, key)
     if running:
@@ -204,8 +202,8 @@ def refuse_if_running(instance, key: str) -> None:
 
 
 def settings_fingerprint(defs) -> str:
-    """The fingerprint of `defs`' resource settings (`assets.sensors.settings_fingerprint`)."""
-    from assets.sensors import settings_fingerprint as fingerprint
+    """The fingerprint of `defs`' resource settings (`assets.record.settings_fingerprint`)."""
+    from assets.record import settings_fingerprint as fingerprint
 
     return fingerprint(defs.resources)
 
@@ -215,7 +213,7 @@ def steps_to_run(defs, record, key: str, settings: str) -> list | None:
     the steps whose tables are still current (same settings, built on the current
     parent, gates passed: `DagsterRecord.resume_point`) are kept and the round resumes
     at the first one that is not; None runs the whole round."""
-    from assets.sensors import round_steps
+    from assets.record import round_steps
 
     steps = round_steps(defs.assets)
     start = record.resume_point(key, steps, settings)
@@ -227,9 +225,9 @@ def steps_to_run(defs, record, key: str, settings: str) -> list | None:
 
 
 def _run_rounds(defs, store: RoundStore, rounds: int) -> int:
-    from assets.sensors import SETTINGS_TAG
+    from assets.record import ROUND_JOB, SETTINGS_TAG
 
-    job = defs.resolve_job_def("round_job")
+    job = defs.resolve_job_def(ROUND_JOB)
     record = dagster_record(defs)
     settings = settings_fingerprint(defs)
     instance = record.instance

@@ -16,12 +16,8 @@ from assets import (
     policy_automation_sensor,
     policy_job,
 )
-from assets.sensors import (
-    EVOLUTION_SCHEDULES,
-    EVOLUTION_SENSORS,
-    SETTINGS_TAG,
-    settings_fingerprint,
-)
+from assets.record import SETTINGS_TAG, settings_fingerprint
+from assets.sensors import EVOLUTION_SCHEDULES, EVOLUTION_SENSORS
 from resources import (
     EvolutionResource,
     GatesResource,

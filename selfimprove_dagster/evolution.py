@@ -1,12 +1,14 @@
 """Continuous evolution: when to run another round, which checkpoint to promote, and
 which sampling temperature the next round should use.
 
-Pure functions over the round history (`RoundStore.history()`: one `eval_scores` row
-per completed round, with `round`, `accuracy_before`, `accuracy_after` and the B-STaR
-monitors). The Dagster sensor and schedule (`assets/sensors.py`) are thin wrappers:
+Pure functions over the round history (`RoundStore.eval_history(done_rounds)`: one
+`eval_scores` row per done round, with `round`, `accuracy_before`, `accuracy_after` and
+the B-STaR monitors) and over a snapshot of Dagster's record (`RecordSnapshot`: which
+rounds are done, as `RoundState.done` defines it). The sensor, the schedule and the
+CLI all decide with `decide_next`:
 
-    decision = next_round_decision(store.history(), gates_passed, StopRules())
-    decision.proceed, decision.next_round, decision.reason   # reason = skip reason
+    plan = decide_next(snapshot, store.eval_history, StopRules(), store.chain_problem)
+    plan.decision.proceed, plan.decision.next_round, plan.decision.reason
 
 `promoted_round` is the checkpoint to serve (best held-out accuracy among rounds that
 did not regress) and `promotion` the `promoted_policy` record with its reason;
@@ -18,7 +20,7 @@ did not regress) and `promotion` the `promoted_policy` record with its reason;
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -66,6 +68,117 @@ class Decision:
 
 
 # --- next round --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """One round as Dagster recorded it (plain data: the Dagster layer reads it from the
+    instance, `assets/record.py`). The one meaning of "done" every caller uses:
+
+        its `eval_scores` materialization exists, every blocking check passed on it
+        (latest evaluation, no later planned-but-unrun attempt), and no round asset
+        upstream of `eval_scores` was materialized after it (not stale).
+    """
+
+    round: str
+    materialized: bool  # an `eval_scores` materialization exists for the partition
+    failed_gates: tuple[str, ...] = ()  # blocking checks evaluated and failed
+    unrun_gates: tuple[str, ...] = ()  # planned in a run but never evaluated
+    newer: tuple[str, ...] = ()  # upstream assets materialized after eval_scores
+    has_runs: bool = True  # any run ever targeted the partition
+
+    @property
+    def gates_passed(self) -> bool:
+        return not self.failed_gates and not self.unrun_gates
+
+    @property
+    def done(self) -> bool:
+        return self.materialized and self.gates_passed and not self.newer
+
+    def bad_gates(self) -> list[str]:
+        return [*self.failed_gates, *(f"{name} (did not run)" for name in self.unrun_gates)]
+
+    def problem(self) -> str | None:
+        """Why the round is not done (None when it is), on one line."""
+        if not self.materialized:
+            return f"{self.round} has no recorded eval_scores materialization"
+        if not self.gates_passed:
+            return gate_failure_reason(self.round, self.bad_gates())
+        if self.newer:
+            return (
+                f"{self.round} is stale: {', '.join(self.newer)} was re-materialized after its "
+                f"eval_scores; re-run {self.round} (`selfimprove run` or the UI)"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class RecordSnapshot:
+    """What a next-round decision reads from Dagster's record: every round partition in
+    round order and the round run still unfinished, if any (described in words)."""
+
+    rounds: tuple[RoundState, ...]
+    running: str | None = None  # e.g. "round_job is still running round_003 (run 1a2b3c4d)"
+
+    def done_rounds(self) -> list[str]:
+        return [state.round for state in self.rounds if state.done]
+
+    def state(self, round_: str) -> RoundState | None:
+        return next((s for s in self.rounds if s.round == round_), None)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """A decision, and whether its round must still be added as a partition (False when
+    someone added the partition but it never ran)."""
+
+    decision: Decision
+    add_partition: bool = False
+
+
+def decide_next(
+    snapshot: RecordSnapshot,
+    history: Callable[[Sequence[str]], pl.DataFrame],
+    rules: StopRules,
+    chain_problem: Callable[[str], str | None] = lambda _round: None,
+) -> RoundPlan:
+    """The next round, from a snapshot of Dagster's record: what the sensor, the
+    schedule and `selfimprove` decide with.
+
+    `history(rounds)` gives those rounds' `eval_scores` rows; `chain_problem(round)` why
+    the next round must not build on that round's checkpoint (None: its chain verifies).
+    In order: a running round waits; a latest partition that is not done waits for a
+    person (failed or unrun gates, a crash, a stale round: never retried by itself); a
+    checkpoint chain that does not verify waits; otherwise the stop rules decide on the
+    done rounds. A partition that was added but never ran is the next round.
+    """
+    if snapshot.running:
+        return _wait(snapshot.running)
+    done = snapshot.done_rounds()
+    latest = snapshot.rounds[-1] if snapshot.rounds else None
+    if latest is not None:
+        if latest.materialized and not latest.gates_passed:
+            # A stop with the round's figures: they say more than the gate's name.
+            frame = history([*done, latest.round])
+            return RoundPlan(next_round_decision(frame, False, rules, latest.bad_gates()))
+        if latest.materialized and not latest.done:
+            return _wait(latest.problem() or f"{latest.round} is not done")
+        if not latest.materialized and latest.has_runs:
+            return _wait(
+                f"{latest.round} did not complete (no eval_scores): see its failed run, then "
+                f"re-run {latest.round} from the UI or the CLI"
+            )
+    decision = next_round_decision(history(done), True, rules)
+    if decision.proceed and done:
+        problem = chain_problem(done[-1])
+        if problem is not None:
+            return _wait(f"not building on {done[-1]}: {problem}")
+    known = {state.round for state in snapshot.rounds}
+    return RoundPlan(decision, add_partition=decision.proceed and decision.next_round not in known)
+
+
+def _wait(reason: str) -> RoundPlan:
+    return RoundPlan(Decision(proceed=False, next_round=None, reason=reason))
 
 
 def next_round_decision(
@@ -403,12 +516,17 @@ def _fmt(value: float | None) -> str:
 
 
 def round_policy(
-    store: RoundStore, round_: str, base_model: str, mode: str = "latest"
+    store: RoundStore,
+    round_: str,
+    base_model: str,
+    mode: str = "latest",
+    done_rounds: Sequence[str] = (),
 ) -> tuple[str, str | None]:
     """The model that generates `round_`, and the round whose checkpoint it is.
 
-    `latest`: round N−1's checkpoint. `best`: the promoted checkpoint among rounds
-    before N (best held-out accuracy, never a round that regressed), so a bad round is
+    `latest`: round N−1's checkpoint. `best`: the promoted checkpoint among the done
+    rounds before N (`done_rounds`, as Dagster recorded them: `RoundState.done`; best
+    held-out accuracy, never a round that regressed), so a bad round is
     kept for inspection but the loop goes on from the best model. Round 0, and a
     history where every round regressed, start from the base model. Either way round
     N−1 must have a checkpoint (`RoundStore.policy_for` refuses otherwise).
@@ -421,7 +539,7 @@ def round_policy(
     parent = latest[1]
     if mode == "latest" or parent is None:
         return latest
-    best = choose_policy(history_through(store.history(), parent), "best")
+    best = choose_policy(history_through(store.eval_history(done_rounds), parent), "best")
     if best is None:
         return base_model, None
     return store.checkpoint_ref(best), best
@@ -447,32 +565,3 @@ def round_temperature(
         return float(monitors["next_temperature"]), monitors["next_temperature_reason"]
     previous_temperature = float(store.read(parent, "generations")["temperature"][0])
     return choose_temperature(monitors, current=previous_temperature)
-
-
-def tune_next_temperature(
-    engine: Any,
-    store: RoundStore,
-    round_: str,
-    *,
-    k: int,
-    sampling: Any,
-    grid: Sequence[float],
-    max_per_prompt: int,
-    tuning_prompts: int,
-    log: Any = print,
-) -> dict[str, Any]:
-    """The next round's temperature, B-STaR style: the balance score of the new
-    checkpoint (`engine`) at each grid temperature on `tuning_prompts` train prompts of
-    `round_`; the argmax wins (ties keep the current temperature). Returns the
-    `eval_scores` columns `next_temperature` and `next_temperature_reason`."""
-    from selfimprove_dagster.evaluation import balance_by_temperature
-    from selfimprove_dagster.methods.star import train_prompts
-
-    train_set = train_prompts(store.read(round_, "prompts")).head(tuning_prompts)
-    balance = balance_by_temperature(
-        engine, train_set, round_, k, sampling, grid, max_per_prompt, log=log
-    )
-    current = float(store.read(round_, "generations")["temperature"][0])
-    temperature, reason = choose_temperature_from_samples(balance, current=current)
-    log(f"{round_}: next round's temperature: {reason}")
-    return {"next_temperature": temperature, "next_temperature_reason": reason}

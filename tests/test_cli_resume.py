@@ -9,9 +9,8 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets import sensors
 from assets.partitions import ROUNDS
-from assets.sensors import SETTINGS_TAG, round_steps
+from assets.record import SETTINGS_TAG, round_steps, settings_fingerprint
 from resources import StorageResource
 from selfimprove_dagster import cli
 from tests.conftest import StubStorageResource, StubStore
@@ -147,9 +146,7 @@ def test_a_round_launched_outside_the_cli_is_resumed_by_it(store, capsys):
     executed directly, as the UI would, with no tags of its own) carries the settings
     the definitions were loaded with, so `selfimprove run` resumes it."""
     resources = {"storage": StubStorageResource(data_dir=str(store.data_dir))}
-    tagged = define_stand_in_round_job(
-        run_tags={SETTINGS_TAG: sensors.settings_fingerprint(resources)}
-    )
+    tagged = define_stand_in_round_job(run_tags={SETTINGS_TAG: settings_fingerprint(resources)})
     defs = dg.Definitions(
         assets=[stand_in_generations, stand_in_eval_scores],
         asset_checks=[generations_gate, eval_gate],

@@ -11,10 +11,11 @@ import polars as pl
 import pytest
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.quality.gates import gate_no_contamination, normalize_prompt
+from selfimprove_dagster.quality.gates import gate_no_contamination
 from selfimprove_dagster.sources import datasets
 from selfimprove_dagster.sources.answer_format import apply_answer_format, hinted_prompt
 from selfimprove_dagster.sources.tasks import PROBLEM_SCHEMA, load_dataset_file
+from selfimprove_dagster.text import normalize_prompt
 from selfimprove_dagster.verifiers.dispatch import verify_rows
 from tests.conftest import SHARED_DATA
 

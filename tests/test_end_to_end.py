@@ -37,7 +37,7 @@ def test_two_real_rounds_from_the_cli(models_dir, tmp_path, monkeypatch, capsys)
     assert "round_000" in out and "round_001" in out and "acc after" in out
 
     store = RoundStore(data_dir)
-    assert store.completed_rounds() == ["round_000", "round_001"]
+    assert cli.dagster_record().done_rounds() == ["round_000", "round_001"]
     manifest = json.loads((store.checkpoint_dir("round_001") / "manifest.json").read_text())
     assert manifest["trained_from"] == "../round_000"  # continues from the round's policy
     assert manifest["base_model"] == "embedded:smollm2-135m-instruct"
@@ -79,7 +79,6 @@ def test_two_real_rounds_from_the_cli(models_dir, tmp_path, monkeypatch, capsys)
     assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
 
 
-@pytest.mark.slow
 def test_round_one_alone_is_refused_with_the_fix(models_dir, tmp_path, monkeypatch, capsys):
     """Asking for round_001 when round_000 has no checkpoint fails before any model loads."""
     data_dir = tmp_path / "var"

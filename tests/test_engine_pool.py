@@ -18,6 +18,7 @@ from resources import (
 )
 from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.engines.pool import POOL, EnginePool, LentEngine
+from selfimprove_dagster.methods import checkpoint as checkpoint_step
 from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import ScriptedEngine
 
@@ -128,13 +129,13 @@ def test_two_rounds_start_fewer_engines_and_train_with_none_alive(
 ):
     EVENTS.clear()
     alive_at_training = []
-    train = assets.rounds.train_lora
+    train = checkpoint_step.train_lora
 
     def train_and_record(*args, **kwargs):
         alive_at_training.append(alive(EVENTS))
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(assets.rounds, "train_lora", train_and_record)
+    monkeypatch.setattr(checkpoint_step, "train_lora", train_and_record)
     (tmp_path / "models").symlink_to(models_dir)
     resources = round_resources(
         tmp_path, CountedGenerator(base_model=tiny_model, samples_per_prompt=2), n_train=8

@@ -12,6 +12,7 @@ from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
 from selfimprove_dagster.methods import grpo, star
 from selfimprove_dagster.quality.expectations import SUITES, validate_table
+from selfimprove_dagster.training.params import RLParams
 
 MAX_NEW_TOKENS = 16
 
@@ -78,7 +79,7 @@ def _rollouts() -> pl.DataFrame:
             "advantage": [0.5, -0.5, 0.0, 0.0],
         }
     )
-    return grpo.rollout_rows(logged, "round_000", "base", grpo.RLParams(), ["verifier_reward"])
+    return grpo.rollout_rows(logged, "round_000", "base", RLParams(), ["verifier_reward"])
 
 
 CLEAN = {

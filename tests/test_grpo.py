@@ -15,9 +15,14 @@ from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.methods import grpo
 from selfimprove_dagster.methods.recipe import parse_method
 from selfimprove_dagster.quality import monitors
+from selfimprove_dagster.quality.rl_health import health_summary
+from selfimprove_dagster.store.schemas import ROLLOUTS_TABLE
 from selfimprove_dagster.training import TrainParams, train_lora
+from selfimprove_dagster.training.params import RLParams
+from selfimprove_dagster.training.rl import rl_config_args, rl_dataset, rl_micro_batch
+from selfimprove_dagster.verifiers.reward import format_reward, make_verifier_reward
 
-TINY_RL = grpo.RLParams(steps=2, prompts_per_step=2, num_generations=2, max_completion_length=4)
+TINY_RL = RLParams(steps=2, prompts_per_step=2, num_generations=2, max_completion_length=4)
 
 
 # --- pure functions ------------------------------------------------------------------
@@ -75,7 +80,7 @@ def test_select_rl_prompts_rejects_an_unknown_filter():
 
 def test_verifier_reward_scores_with_the_verifier_and_logs_the_verdicts():
     logged: dict[str, list] = {}
-    reward = grpo.make_verifier_reward()
+    reward = make_verifier_reward()
     completions = [
         [{"role": "assistant", "content": "42"}],
         [{"role": "assistant", "content": "41"}],
@@ -105,13 +110,13 @@ def test_a_rationale_rollout_cut_off_at_the_limit_earns_no_last_number_reward():
     completions = [unfinished, finished, unfinished]
     ids = [[0] * 8, [0] * 8, [0] * 5]  # budget 8: the first two hit it
 
-    assert grpo.make_verifier_reward()(completions=completions, completion_ids=ids, **kwargs) == [
+    assert make_verifier_reward()(completions=completions, completion_ids=ids, **kwargs) == [
         1.0,
         1.0,
         1.0,
     ]
     logged: dict[str, list] = {}
-    cut = grpo.make_verifier_reward(cut_off_at=8)(
+    cut = make_verifier_reward(cut_off_at=8)(
         completions=completions,
         completion_ids=ids,
         log_extra=lambda column, values: logged.__setitem__(column, values),
@@ -144,37 +149,37 @@ def test_the_reward_judges_a_multiple_choice_round_by_its_prompts_verifier():
     rows = grpo.training_examples(filtered, prompts)
     assert rows == [{"prompt": "Q?", "answer": "B", "prompt_id": "p", **prompts.row(0, named=True)}]
     # What TRL hands the reward: every dataset column but the prompt, one value per rollout.
-    example = grpo.rl_dataset(rows)[0]
+    example = rl_dataset(rows)[0]
     columns = {k: [v] * 2 for k, v in example.items() if k != "prompt"}
     assert columns["verifier"] == ["multiple_choice"] * 2
-    scores = grpo.make_verifier_reward()(
+    scores = make_verifier_reward()(
         prompts=["Q?"] * 2, completions=["The answer is (B).", "A"], **columns
     )
     assert scores == [1.0, 0.0]
 
 
 def test_format_reward_wants_just_a_number():
-    assert grpo.format_reward(["57", "The answer is 57", " 57.\n"]) == [1.0, 0.0, 1.0]
+    assert format_reward(["57", "The answer is 57", " 57.\n"]) == [1.0, 0.0, 1.0]
 
 
 def test_rl_config_needs_a_batch_that_divides_by_the_group():
-    bad = grpo.RLParams(prompts_per_step=3, num_generations=2)
+    bad = RLParams(prompts_per_step=3, num_generations=2)
     assert bad.batch_size == 6  # fine: 3 prompts x 2 completions
-    args = grpo.rl_config_args("grpo", bad, {"bf16": False, "max_length": 512})
+    args = rl_config_args("grpo", bad, {"bf16": False, "max_length": 512})
     assert args["per_device_train_batch_size"] == 6 and "max_length" not in args
     assert args["gradient_accumulation_steps"] == 1  # one batch per step: all rollouts seen
-    odd = grpo.RLParams(prompts_per_step=2, num_generations=4, extra={"num_generations": 3})
-    assert grpo.rl_config_args("rloo", odd, {})["num_generations"] == 3  # extra wins
-    assert "loss_type" not in grpo.rl_config_args("rloo", odd, {})
+    odd = RLParams(prompts_per_step=2, num_generations=4, extra={"num_generations": 3})
+    assert rl_config_args("rloo", odd, {})["num_generations"] == 3  # extra wins
+    assert "loss_type" not in rl_config_args("rloo", odd, {})
 
 
 def test_rl_micro_batches_split_the_forward_pass_not_the_step():
-    rl = grpo.RLParams(prompts_per_step=8, num_generations=4)  # 32 rollouts per step
-    args = grpo.rl_config_args("grpo", rl, {}, micro_batch=8)
+    rl = RLParams(prompts_per_step=8, num_generations=4)  # 32 rollouts per step
+    args = rl_config_args("grpo", rl, {}, micro_batch=8)
     assert args["per_device_train_batch_size"] == 8
     assert args["gradient_accumulation_steps"] == 4  # TRL: one generation batch per step
     with pytest.raises(SelfImproveError, match="does not divide"):
-        grpo.rl_config_args("grpo", rl, {}, micro_batch=5)
+        rl_config_args("grpo", rl, {}, micro_batch=5)
 
 
 class _WordTokenizer:
@@ -185,14 +190,14 @@ class _WordTokenizer:
 
 
 def test_rl_micro_batch_fits_the_longest_prompt_and_completion_in_the_budget():
-    rl = grpo.RLParams(prompts_per_step=8, num_generations=4, max_completion_length=100)
+    rl = RLParams(prompts_per_step=8, num_generations=4, max_completion_length=100)
     examples = [{"prompt": "word " * 100}, {"prompt": "short"}]
     # longest sequence: 100 prompt + 100 completion + 16 template = 216 tokens
-    assert grpo.rl_micro_batch(rl, examples, _WordTokenizer(), 2048) == 8  # 9 fit: divisor 8
-    assert grpo.rl_micro_batch(rl, examples, _WordTokenizer(), 200) == 1
-    short = grpo.RLParams(prompts_per_step=8, num_generations=4, max_completion_length=16)
+    assert rl_micro_batch(rl, examples, _WordTokenizer(), 2048) == 8  # 9 fit: divisor 8
+    assert rl_micro_batch(rl, examples, _WordTokenizer(), 200) == 1
+    short = RLParams(prompts_per_step=8, num_generations=4, max_completion_length=16)
     one_word = [{"prompt": "What is 2 + 3?"}]  # the default task: the whole step at once
-    assert grpo.rl_micro_batch(short, one_word, _WordTokenizer(), 2048) == 32
+    assert rl_micro_batch(short, one_word, _WordTokenizer(), 2048) == 32
 
 
 def _logged(steps: int = 2) -> pl.DataFrame:
@@ -263,7 +268,7 @@ def test_rl_health_monitors_pass_a_healthy_run_and_warn_on_collapse():
     assert not monitors.rl_entropy_collapsed(sick).passed
     length = monitors.rl_length_blew_up(sick)
     assert not length.passed and "hit the length limit" in length.message
-    summary = grpo.health_summary(sick, None)
+    summary = health_summary(sick, None)
     assert summary["rl_reward_first"] == 0.6 and summary["rl_reward_last"] == 0.1
 
 
@@ -350,7 +355,7 @@ def test_grpo_with_vllm_colocate_on_gpu(tiny_model, models_dir, tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    rl = grpo.RLParams(
+    rl = RLParams(
         steps=1, prompts_per_step=2, num_generations=2, max_completion_length=4, use_vllm=True
     )
     recorder = grpo.RolloutRecorder("round_000", tiny_model, rl)
@@ -373,7 +378,7 @@ def test_use_vllm_without_vllm_names_the_extra(tiny_model, models_dir, tmp_path)
         pytest.skip("vLLM is installed here")
     except ImportError:
         pass
-    rl = grpo.RLParams(steps=1, prompts_per_step=2, num_generations=2, use_vllm=True)
+    rl = RLParams(steps=1, prompts_per_step=2, num_generations=2, use_vllm=True)
     with pytest.raises(ImportError, match="vllm"):
         train_lora("grpo", tiny_model, _examples(), TrainParams(rl=rl), tmp_path / "c", models_dir)
 
@@ -436,7 +441,7 @@ def test_a_grpo_round_passes_every_gate_and_records_its_rollouts(grpo_round):
     assert len(evaluations) == n_checks
     filtered = store.read("round_000", "filtered")
     assert set(filtered["source"]) == {grpo.SOURCE} and filtered.height == 4
-    rollouts = store.read("round_000", grpo.ROLLOUTS_TABLE)
+    rollouts = store.read("round_000", ROLLOUTS_TABLE)
     assert rollouts.height == 2 * 2 * 2
     generations = store.read("round_000", "generations")
     assert not set(rollouts["generation_id"]) & set(generations["generation_id"])
@@ -463,7 +468,7 @@ def test_a_grpo_round_is_in_the_catalog_and_its_lineage(grpo_round):
     lineage = checkpoint_lineage(store, "round_000")
     assert len(lineage["trained_on"]) == 4
     assert {row["source"] for row in lineage["trained_on"]} == {grpo.SOURCE}
-    rollout_id = store.read("round_000", grpo.ROLLOUTS_TABLE)["generation_id"][0]
+    rollout_id = store.read("round_000", ROLLOUTS_TABLE)["generation_id"][0]
     fate = generation_lineage(store, rollout_id)
     assert fate["generation"]["phase"] == "rollout" and fate["generation"]["step"] == 1
     assert fate["trained_into"]["round"] == "round_000"

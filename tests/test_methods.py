@@ -10,6 +10,7 @@ from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.methods import consistency, judge, refine, star
 from selfimprove_dagster.methods import recipe as methods
 from selfimprove_dagster.prompting import load_template, render
+from selfimprove_dagster.store.schemas import METRIC_COLUMNS
 
 
 def _generations(answers: dict[str, list[str]], round_: str = "round_000") -> pl.DataFrame:
@@ -330,7 +331,7 @@ def test_method_metrics_have_every_column_for_every_method():
         ("self_refine", critiques),
     ):
         metrics = methods.method_metrics(methods.parse_method(name), frame)
-        assert set(metrics) == {"method", *methods.METRIC_COLUMNS}
+        assert set(metrics) == {"method", *METRIC_COLUMNS}
         assert metrics["method"] == methods.parse_method(name).name
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from selfimprove_dagster.quality import gates as quality
 from selfimprove_dagster.sources.tasks import make_task
+from selfimprove_dagster.text import normalize_prompt
 
 EVAL = pl.DataFrame(
     {"prompt": ["what is 23 + 45 ?", "What is 60 + 17? Answer with just the number."]}
@@ -34,7 +35,7 @@ def _rows(*prompts: str) -> pl.DataFrame:
     ],
 )
 def test_normalize_prompt(text, expected):
-    assert quality.normalize_prompt(text) == expected
+    assert normalize_prompt(text) == expected
 
 
 def test_no_contamination_passes_on_different_problems():

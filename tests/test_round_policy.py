@@ -32,7 +32,8 @@ def store_with_regression(tmp_path) -> RoundStore:
 
 def test_best_policy_skips_the_regressed_round(store_with_regression):
     store = store_with_regression
-    policy, parent = round_policy(store, "round_003", "base", "best")
+    done = ["round_000", "round_001", "round_002"]
+    policy, parent = round_policy(store, "round_003", "base", "best", done)
     assert parent == "round_001"
     assert policy == str(store.checkpoint_dir("round_001").resolve())
 
@@ -42,7 +43,7 @@ def test_latest_policy_takes_the_previous_round(store_with_regression):
 
 
 def test_round_zero_and_unknown_mode(store_with_regression):
-    assert round_policy(store_with_regression, "round_000", "base", "best") == ("base", None)
+    assert round_policy(store_with_regression, "round_000", "base", "best", []) == ("base", None)
     with pytest.raises(SelfImproveError, match="Unknown policy mode `newest`"):
         round_policy(store_with_regression, "round_001", "base", "newest")
 
@@ -79,3 +80,12 @@ def test_auto_temperature_raises_it_when_exploration_is_low(tmp_path):
     temperature, reason = round_temperature(store, "round_001", 0.8, auto=True)
     assert temperature == 1.0
     assert "0.8" in reason and "1" in reason
+
+
+def test_best_policy_never_picks_a_round_that_is_not_done(store_with_regression):
+    """Its eval file exists (round_001 scored best), but Dagster did not record it as
+    done (a failed gate, a stale chain): `policy=best` chooses among done rounds only."""
+    store = store_with_regression
+    _, parent = round_policy(store, "round_003", "base", "best", ["round_000", "round_002"])
+    assert parent == "round_000"
+    assert round_policy(store, "round_003", "base", "best", []) == ("base", None)

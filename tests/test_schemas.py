@@ -17,11 +17,11 @@ from selfimprove_dagster.methods import (
     self_verify,
     star,
 )
-from selfimprove_dagster.methods import recipe as methods
 from selfimprove_dagster.quality import monitors
 from selfimprove_dagster.sources import mix
 from selfimprove_dagster.sources import synthesis as syn
 from selfimprove_dagster.store import schemas
+from tests.test_grpo import TINY_RL, _logged
 from tests.test_methods import _generations, _prompts
 
 
@@ -51,8 +51,8 @@ def _written() -> dict[str, set[str]]:
         "eval_seconds",
         *monitors.round_health(generations, critiques, star.filter_accepted(
             generations, critiques, 1), k=2, target=1),
-        *methods.METRIC_COLUMNS,
-        *grpo.HEALTH_COLUMNS,
+        *schemas.METRIC_COLUMNS,
+        *schemas.HEALTH_COLUMNS,
     }  # fmt: skip
     return {
         "prompts": set(mix.PROMPT_SCHEMA),
@@ -73,7 +73,9 @@ def _written() -> dict[str, set[str]]:
         },
         "refinements": {*refine.REFINEMENT_SCHEMA, *rationalize._empty().columns},
         "filtered": filtered,
-        "rollouts": set(grpo.ROLLOUT_SCHEMA),
+        "rollouts": set(
+            grpo.rollout_rows(_logged(), "round_003", "ckpt", TINY_RL, ["verifier_reward"]).columns
+        ),
         "rl_steps": set(grpo.step_rows([], "round_000").columns),
         "eval_scores": eval_scores,
     }

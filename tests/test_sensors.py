@@ -326,7 +326,7 @@ def test_refuses_to_build_on_a_broken_checkpoint_chain(instance, store):
 
 
 def test_the_record_reads_a_real_run(instance, store):
-    from assets.sensors import DagsterRecord, RoundGraph
+    from assets.record import DagsterRecord, RoundGraph
 
     instance.add_dynamic_partitions(ROUNDS.name, ["round_000", "round_001"])
     assert run_round(instance, store, "round_000").success
@@ -334,7 +334,7 @@ def test_the_record_reads_a_real_run(instance, store):
     graph = RoundGraph.of(definitions(store).get_repository_def())
     assert graph.upstream == [dg.AssetKey("checkpoint")]
     record = DagsterRecord(instance, graph)
-    assert record.completed_rounds() == ["round_000"]
+    assert record.done_rounds() == ["round_000"]
     assert record.round("round_001").problem() == f"a blocking gate failed in round_001: {GATE}"
 
 
@@ -343,6 +343,7 @@ def test_sensors_and_the_cli_use_public_dagster_apis_only():
     repo = Path(__file__).resolve().parents[1]
     files = [
         repo / "assets" / "sensors.py",
+        repo / "assets" / "record.py",
         repo / "assets" / "policy.py",
         repo / "selfimprove_dagster" / "cli.py",
     ]

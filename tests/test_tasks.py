@@ -11,11 +11,11 @@ import pytest
 
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
+from selfimprove_dagster.sources.datasets import load_gsm8k
 from selfimprove_dagster.sources.tasks import (
     PROBLEM_SCHEMA,
     TASKS,
     load_dataset_file,
-    load_gsm8k,
     make_task,
 )
 from selfimprove_dagster.verifiers.numeric import normalize_number

@@ -16,10 +16,10 @@ from selfimprove_dagster.verifiers import numeric
 from selfimprove_dagster.verifiers.dispatch import (
     check_verifier,
     verifier_name,
-    verifier_reward,
     verify_row,
     verify_rows,
 )
+from selfimprove_dagster.verifiers.reward import make_verifier_reward
 from selfimprove_dagster.verifiers.verdict import Verdict
 from tests.conftest import SHARED_DATA
 
@@ -66,8 +66,11 @@ def test_verify_rows_refuses_mismatched_lengths():
 
 
 def test_verifier_reward_zips_trl_columns_into_rows():
-    rewards = verifier_reward(
-        [[{"role": "assistant", "content": "Answer: C"}], "B) library"],
+    # TRL hands every dataset column over as a keyword list, and chat completions as
+    # messages: the one reward adapter judges each row with its own verifier.
+    rewards = make_verifier_reward()(
+        prompts=["q1", "q2"],
+        completions=[[{"role": "assistant", "content": "Answer: C"}], "B) library"],
         answer=["C", "B"],
         choices=[CHOICES, CHOICES],
         verifier=["multiple_choice", "multiple_choice"],
@@ -266,23 +269,6 @@ _PIECES = [
     "\r",
     "12345678901234567890",
 ]
-
-
-def test_numeric_frame_agrees_with_row_by_row_verify():
-    rng = random.Random(0)
-    completions = [
-        "".join(rng.choice(_PIECES) + rng.choice(["", " "]) for _ in range(rng.randint(0, 12)))
-        for _ in range(20_000)
-    ]
-    answers = [str(rng.choice([0, 7, 12, 3.5, 1234, 57, -5, 2])) for _ in completions]
-    out = numeric.verify_frame(pl.DataFrame({"completion": completions, "answer": answers}))
-    expected = [numeric.verify(c, a) for c, a in zip(completions, answers, strict=True)]
-    got = [
-        Verdict(c, e, r)
-        for c, e, r in zip(out["correct"], out["extracted"], out["reason"], strict=True)
-    ]
-    mismatches = [(c, e, g) for c, e, g in zip(completions, expected, got, strict=True) if e != g]
-    assert not mismatches, mismatches[:5]
 
 
 def test_numeric_frame_reference_must_be_a_number():

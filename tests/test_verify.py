@@ -7,7 +7,6 @@ import pytest
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.verifiers.numeric import (
     Verdict,
-    correctness_reward,
     extract_answer,
     normalize_number,
     verify,
@@ -101,19 +100,3 @@ def test_verify_accepts_gsm8k_solution_as_reference() -> None:
 def test_verify_rejects_non_numeric_reference() -> None:
     with pytest.raises(SelfImproveError, match="reference answer 'seven' is not a number"):
         verify("7", "seven")
-
-
-def test_correctness_reward_scores_each_completion() -> None:
-    rewards = correctness_reward(["= 5", "6", "no idea"], ["5", "5", "5"])
-    assert rewards == [1.0, 0.0, 0.0]
-
-
-def test_correctness_reward_takes_trl_answer_column_and_conversations() -> None:
-    # TRL passes the dataset's `answer` column as `answer=` and chat completions as messages.
-    completions = [[{"role": "assistant", "content": "The answer is 82."}]]
-    assert correctness_reward(completions, answer=["82"], prompts=["q"]) == [1.0]
-
-
-def test_correctness_reward_length_mismatch() -> None:
-    with pytest.raises(SelfImproveError, match="2 completions but 1 answers"):
-        correctness_reward(["1", "2"], ["1"])

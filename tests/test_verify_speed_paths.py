@@ -81,31 +81,7 @@ def test_numeric_frame_reads_thousands_like_python(completion):
     assert _frame_verdicts(out) == [numeric.verify(completion, "1234")]
 
 
-def test_numeric_frame_agrees_on_comma_heavy_replies():
-    rng = random.Random(4)
-    completions = [
-        "".join(rng.choice(_COMMA_PIECES) for _ in range(rng.randint(0, 14))) for _ in range(5000)
-    ]
-    answers = [rng.choice(["1", "1234", "1,234", "123", "1234.5"]) for _ in completions]
-    out = numeric.verify_frame(pl.DataFrame({"completion": completions, "answer": answers}))
-    expected = [numeric.verify(c, a) for c, a in zip(completions, answers, strict=True)]
-    assert _frame_verdicts(out) == expected
-
-
 _DECIMAL_PIECES = ["0.000001", "1.0000005", "3.1", "3.10000", "= ", "answer ", "x", " ", "\n"]
-
-
-def test_numeric_frame_agrees_on_decimal_heavy_replies():
-    rng = random.Random(1)
-    completions = [
-        "".join(rng.choice(_DECIMAL_PIECES) for _ in range(rng.randint(1, 6))) for _ in range(3000)
-    ]
-    answers = [rng.choice(["0", "1", "3.1", "0.0000005", "1.000001"]) for _ in completions]
-    frame = pl.DataFrame({"completion": completions, "answer": answers})
-    expected = [numeric.verify(c, a) for c, a in zip(completions, answers, strict=True)]
-    assert _frame_verdicts(numeric.verify_frame(frame)) == expected
-    with_reference = frame.with_columns(ref=numeric.references(frame["answer"]))
-    assert _frame_verdicts(numeric.verify_frame(with_reference, "ref")) == expected
 
 
 def test_critique_needs_a_usable_reference_only_for_judged_prompts():

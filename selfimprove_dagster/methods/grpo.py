@@ -48,55 +48,20 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
-from selfimprove_dagster.verifiers.numeric import normalize_number
+from selfimprove_dagster.quality.rl_health import health_summary
+from selfimprove_dagster.store.schemas import ROLLOUTS_TABLE, STEPS_TABLE, polars_schema
+from selfimprove_dagster.text import last_message_text
+from selfimprove_dagster.training.params import RL_ALGORITHMS, RLParams
 
-ALGORITHMS = ("grpo", "rloo")
-ROLLOUTS_TABLE = "rollouts"  # one row per rollout (generations + critiques columns)
-STEPS_TABLE = "rl_steps"  # one row per optimizer step (RL health figures)
+ALGORITHMS = RL_ALGORITHMS
 SOURCE = "rl_prompt"  # `filtered.source` of an RL round: a prompt to train on, not a target
 PROMPT_FILTERS = ("signal_first", "all")
-
-
-@dataclass(frozen=True)
-class RLParams:
-    """Knobs of an online RL round (defaults: resources.TrainerResource `rl_*`)."""
-
-    steps: int = 8  # optimizer steps (each: prompts_per_step prompts x num_generations)
-    prompts_per_step: int = 4  # prompts per optimizer step
-    num_generations: int = 4  # rollouts per prompt (the group advantages are computed in)
-    max_completion_length: int = 16  # new tokens per rollout
-    temperature: float = 0.8  # rollout sampling temperature
-    top_k: int = 50  # rollout top-k
-    beta: float = 0.04  # KL pull to the start policy (adapter off); 0 skips the ref forward
-    loss_type: str = "dapo"  # TRL GRPO loss (grpo, dapo, dr_grpo, bnpo); RLOO ignores it
-    format_reward_weight: float = 0.0  # weight of `format_reward` (0: verifier only)
-    prompt_filter: str = "signal_first"  # which train prompts (see `select_rl_prompts`)
-    use_vllm: bool = False  # generate rollouts with vLLM (gpu profile), else transformers
-    vllm_mode: str = "colocate"  # TRL vLLM mode: colocate (same process) or server
-    vllm_gpu_memory_utilization: float = 0.3  # colocate: the GPU share vLLM may take
-    verifier: str | None = None  # verifier name for every row (None: the row's, or numeric)
-    # Rationale rounds: a rollout that used all `max_completion_length` tokens was cut
-    # off, and a number the verifier's last-resort search finds in it earns no reward
-    # (reason cut_off, as in the critiques): else RL would pay for unfinished reasoning.
-    reject_cut_off: bool = False
-    extra: dict = field(default_factory=dict)  # further GRPOConfig / RLOOConfig arguments
-
-    @property
-    def batch_size(self) -> int:
-        """Completions per optimizer step (TRL counts completions, not prompts)."""
-        return self.prompts_per_step * self.num_generations
-
-    @property
-    def n_prompts(self) -> int:
-        """Prompts one round trains on (each seen once)."""
-        return self.steps * self.prompts_per_step
 
 
 # --- filtered: the prompts to train on ----------------------------------------------
@@ -115,7 +80,7 @@ def select_rl_prompts(
     policy were sometimes right and sometimes wrong (their group has reward variance:
     GRPO learns only from those), then never-solved prompts, then always-solved ones,
     each shuffled with the seed; `all` shuffles all prompts. Why: a group whose rewards
-    are all equal has zero advantage and gives no gradient (DESIGN.md: from the base
+    are all equal has zero advantage and gives no gradient (measured on the embedded model: from the base
     model 75-100% of groups had none), so spending steps on them buys nothing.
 
     Rows: round, generation_id (the prompt's best-rewarded sample, for lineage; never an
@@ -198,236 +163,6 @@ def training_examples(
     return rows.to_dicts()
 
 
-# --- rewards ---------------------------------------------------------------------
-
-
-def _verify(completions: Sequence[str], rows: Sequence[dict], verifier: str | None) -> list:
-    """The round's verifier over a batch: the one place the reward calls a verifier."""
-    from selfimprove_dagster.verifiers.dispatch import verify_rows
-
-    return verify_rows(completions, rows, verifier)
-
-
-def _text(completion: Any) -> str:
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    return str(completion)
-
-
-# Keyword arguments TRL adds to a reward call that are not dataset columns.
-_TRL_KWARGS = {"trainer_state", "log_extra", "log_metric", "environments", "completion_ids"}
-
-
-def make_verifier_reward(
-    verifier: str | None = None, cut_off_at: int | None = None
-) -> Callable[..., list[float]]:
-    """A TRL reward function: 1.0 when the round's verifier accepts the completion.
-
-    `cut_off_at` (rationale rounds: `max_completion_length`): a completion of that many
-    tokens stopped at the limit, and the verifier judges it with `cut_off` set (no
-    last-resort answer, `star.critique_generations`' rule).
-
-    It also logs, per rollout, the verdict's extracted answer and reason, the reference
-    answer, the prompt id and the completion's token count as extra columns of TRL's
-    completions table, so each rollout row can be written like a critique row.
-    """
-
-    def verifier_reward(prompts, completions, **kwargs) -> list[float]:
-        n = len(completions)
-        columns = {
-            k: v
-            for k, v in kwargs.items()
-            if k not in _TRL_KWARGS and isinstance(v, list | tuple) and len(v) == n
-        }
-        rows = [{k: v[i] for k, v in columns.items()} for i in range(n)]
-        ids = kwargs.get("completion_ids")
-        if cut_off_at is not None and ids:
-            rows = [r | {"cut_off": len(t) >= cut_off_at} for r, t in zip(rows, ids, strict=True)]
-        texts = [_text(c) for c in completions]
-        verdicts = _verify(texts, rows, verifier)
-        log_extra = kwargs.get("log_extra")
-        if log_extra is not None:
-            log_extra("prompt_id", [r.get("prompt_id") for r in rows])
-            log_extra("reference_answer", [str(r.get("answer")) for r in rows])
-            log_extra("correct", [v.correct for v in verdicts])
-            log_extra("extracted_answer", [v.extracted for v in verdicts])
-            log_extra("reason", [v.reason for v in verdicts])
-            log_extra("completion_tokens", [len(t) for t in ids] if ids else [None] * n)
-        return [1.0 if v.correct else 0.0 for v in verdicts]
-
-    return verifier_reward
-
-
-def format_reward(completions, **kwargs) -> list[float]:
-    """1.0 when the reply is just a number (what the default task's prompt asks for)."""
-    return [1.0 if normalize_number(_text(c).strip()) is not None else 0.0 for c in completions]
-
-
-# --- the trainer -----------------------------------------------------------------
-
-
-def rl_config_args(
-    algorithm: str, rl: RLParams, common: dict[str, Any], micro_batch: int | None = None
-) -> dict[str, Any]:
-    """GRPOConfig / RLOOConfig arguments: `common` (the shared TrainingArguments of
-    `training._trainer_args`) with the RL settings. Checked on CPU (DESIGN.md): bf16 and
-    gradient checkpointing off, batch counted in completions, divisible by the group.
-
-    `micro_batch` completions per forward pass (a divisor of the step's batch; default:
-    the whole batch). TRL generates once per `steps_per_generation` micro-batches, which
-    defaults to the accumulation steps: one generation batch (all of the step's
-    rollouts, which `_RolloutLog` copies) still makes exactly one optimizer step, and
-    only the forward and backward passes are split."""
-    if rl.batch_size % rl.num_generations:
-        raise SelfImproveError(
-            f"RL batch of {rl.batch_size} completions does not divide by "
-            f"num_generations={rl.num_generations}",
-            "set rl_prompts_per_step and rl_num_generations (batch = their product)",
-        )
-    micro_batch = micro_batch or rl.batch_size
-    if rl.batch_size % micro_batch:
-        raise SelfImproveError(
-            f"RL micro-batch of {micro_batch} completions does not divide the step's "
-            f"batch of {rl.batch_size}",
-            "set micro_batch_tokens instead (the micro-batch is then its largest "
-            "divisor of the batch that fits)",
-        )
-    args = {k: v for k, v in common.items() if k not in ("max_length", "num_train_epochs")}
-    args |= {
-        "per_device_train_batch_size": micro_batch,
-        "gradient_accumulation_steps": rl.batch_size // micro_batch,
-        "max_steps": rl.steps,
-        "num_generations": rl.num_generations,
-        "max_completion_length": rl.max_completion_length,
-        "temperature": rl.temperature,
-        "top_k": rl.top_k,
-        "beta": rl.beta,
-        "log_completions": False,  # the rollouts are caught by `_RolloutLog` instead
-        "use_vllm": rl.use_vllm,
-    }
-    if algorithm == "grpo":
-        args["loss_type"] = rl.loss_type
-    if rl.use_vllm:
-        args |= {
-            "vllm_mode": rl.vllm_mode,
-            "vllm_gpu_memory_utilization": rl.vllm_gpu_memory_utilization,
-        }
-    if rl.format_reward_weight:
-        args["reward_weights"] = [1.0, rl.format_reward_weight]
-    return args | rl.extra
-
-
-def rl_dataset(examples: list[dict[str, Any]]):
-    """Conversational prompt rows with the columns the reward reads: every column of
-    `examples` (the reference answer, the prompt id and the prompt's verifier columns:
-    TRL hands each to the reward function)."""
-    from datasets import Dataset, disable_progress_bars
-
-    disable_progress_bars()
-    return Dataset.from_list(
-        [
-            {
-                **e,
-                "prompt": [{"role": "user", "content": e["prompt"]}],
-                "answer": str(e["answer"]),
-            }
-            for e in examples
-        ]
-    )
-
-
-def rl_micro_batch(rl: RLParams, examples, tokenizer, token_budget: int) -> int:
-    """Completions per forward pass: the largest divisor of the step's batch whose
-    sequences (the longest prompt + `max_completion_length`) fit in `token_budget`
-    tokens. Unsplit, one step of 32 CommonsenseQA rollouts peaked at 13.1 GB RSS on
-    CPU, 7.1 GB in micro-batches of 16 (`benchmarks/bench_rl_memory.py`)."""
-    from selfimprove_dagster.training import TEMPLATE_OVERHEAD_TOKENS, micro_batch_size
-
-    longest_prompt = max(
-        (len(tokenizer(e["prompt"], add_special_tokens=False).input_ids) for e in examples),
-        default=0,
-    )
-    longest = longest_prompt + rl.max_completion_length + TEMPLATE_OVERHEAD_TOKENS
-    return micro_batch_size(rl.batch_size, longest, token_budget)
-
-
-def build_rl_trainer(
-    algorithm: str,
-    model,
-    tokenizer,
-    examples,
-    rl: RLParams,
-    common,
-    lora,
-    callbacks,
-    token_budget: int | None = None,
-):
-    """A TRL GRPOTrainer / RLOOTrainer over `examples` with the LoRA config `lora`;
-    forward passes split to fit `token_budget` tokens (None: the whole batch at once)."""
-    if algorithm not in ALGORITHMS:
-        raise SelfImproveError(
-            f"Unknown RL algorithm `{algorithm}`", f"use one of: {', '.join(ALGORITHMS)}"
-        )
-    if rl.use_vllm:
-        try:
-            import vllm  # noqa: F401
-        except ImportError as error:
-            raise ImportError(
-                "rl_use_vllm needs vLLM: install the `vllm` extra on a GPU machine "
-                "(pip install 'selfimprove-dagster[vllm]')"
-            ) from error
-    if algorithm == "grpo":
-        from trl import GRPOConfig as Config
-        from trl import GRPOTrainer as Trainer
-    else:
-        from trl import RLOOConfig as Config
-        from trl import RLOOTrainer as Trainer
-
-    cut_off_at = rl.max_completion_length if rl.reject_cut_off else None
-    rewards = [make_verifier_reward(rl.verifier, cut_off_at)]
-    if rl.format_reward_weight:
-        rewards.append(format_reward)
-    micro = rl_micro_batch(rl, examples, tokenizer, token_budget) if token_budget else None
-    config = Config(**rl_config_args(algorithm, rl, common, micro))
-    trainer = Trainer(
-        model=model,
-        reward_funcs=rewards,
-        args=config,
-        train_dataset=rl_dataset(examples),
-        processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=callbacks,
-    )
-    trainer.rollout_log = []  # one dict of columns per optimizer step (see _RolloutLog)
-    trainer.add_callback(_rollout_log_callback(trainer))
-    return trainer
-
-
-def _rollout_log_callback(trainer):
-    """A callback that copies TRL's rolling log of the last generation batch (the
-    step's rollouts) into `trainer.rollout_log` at every logging step."""
-    from transformers import TrainerCallback
-
-    class _RolloutLog(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if "reward" not in (logs or {}):
-                return  # the end-of-training summary
-            batch = trainer._logs  # TRL's: what `log_completions` would write
-            n = len(batch["prompt"])
-            trainer.rollout_log.append(
-                {
-                    "step": [state.global_step] * n,
-                    "prompt": [_message_text(p) for p in batch["prompt"]],
-                    "completion": [_message_text(c) for c in batch["completion"]],
-                    **{name: list(v) for name, v in batch["rewards"].items()},
-                    **{name: list(v) for name, v in batch["extra"].items()},
-                    "advantage": list(batch["advantages"]),
-                }
-            )
-
-    return _RolloutLog()
-
-
 # --- rollouts and health as data ---------------------------------------------------
 
 
@@ -451,7 +186,7 @@ def rollout_rows(
     format_reward (null without one), advantage.
     """
     if logged.height == 0:
-        return pl.DataFrame(schema=ROLLOUT_SCHEMA)
+        return pl.DataFrame(schema=polars_schema(ROLLOUTS_TABLE))
     weights = [1.0, rl.format_reward_weight][: len(reward_columns)]
     rows = []
     index_in_group: dict[tuple[int, str], int] = {}
@@ -468,8 +203,8 @@ def rollout_rows(
                 "generation_id": rollout_generation_id(round_, step, prompt_id, index),
                 "prompt_id": prompt_id,
                 "sample_index": index,
-                "prompt": _text(r["prompt"]),
-                "completion": _text(r["completion"]),
+                "prompt": last_message_text(r["prompt"]),
+                "completion": last_message_text(r["completion"]),
                 "prompt_tokens": None,
                 "completion_tokens": tokens,
                 "finish_reason": "length"
@@ -500,7 +235,7 @@ def rollout_rows(
                 "advantage": float(r["advantage"]),
             }
         )
-    return pl.DataFrame(rows, schema=ROLLOUT_SCHEMA)
+    return pl.DataFrame(rows, schema=polars_schema(ROLLOUTS_TABLE))
 
 
 def _critique_text(extracted: str | None, correct: bool, reference: str) -> str:
@@ -510,39 +245,6 @@ def _critique_text(extracted: str | None, correct: bool, reference: str) -> str:
         f"answer {extracted} {'matches' if correct else 'does not match'} the reference {reference}"
     )
 
-
-ROLLOUT_SCHEMA = {
-    "round": pl.String,
-    "generation_id": pl.String,
-    "prompt_id": pl.String,
-    "sample_index": pl.Int64,
-    "prompt": pl.String,
-    "completion": pl.String,
-    "prompt_tokens": pl.Int64,
-    "completion_tokens": pl.Int64,
-    "finish_reason": pl.String,
-    "policy": pl.String,
-    "temperature": pl.Float64,
-    "top_p": pl.Float64,
-    "top_k": pl.Int64,
-    "max_new_tokens": pl.Int64,
-    "seed": pl.Int64,
-    "critic": pl.String,
-    "verdict": pl.String,
-    "correct": pl.Boolean,
-    "extracted_answer": pl.String,
-    "reference_answer": pl.String,
-    "reason": pl.String,
-    "score": pl.Float64,
-    "critique": pl.String,
-    "phase": pl.String,
-    "step": pl.Int64,
-    "policy_version": pl.Int64,
-    "reward": pl.Float64,
-    "verifier_reward": pl.Float64,
-    "format_reward": pl.Float64,
-    "advantage": pl.Float64,
-}
 
 # TRL log key -> `rl_steps` column (a key TRL did not log leaves the column null: `kl`
 # needs beta > 0, clip ratios need more than one iteration per batch to be non-zero).
@@ -577,10 +279,7 @@ def step_rows(log_history: list[dict[str, Any]], round_: str) -> pl.DataFrame:
         row = {"round": round_, "step": int(entry["step"])}
         row |= {column: _finite(entry.get(key)) for key, column in STEP_FIGURES.items()}
         rows.append(row)
-    schema = {"round": pl.String, "step": pl.Int64} | dict.fromkeys(
-        STEP_FIGURES.values(), pl.Float64
-    )
-    return pl.DataFrame(rows, schema=schema)
+    return pl.DataFrame(rows, schema=polars_schema(STEPS_TABLE))
 
 
 def _finite(value: Any) -> float | None:
@@ -588,69 +287,6 @@ def _finite(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-# Columns an RL round adds to `eval_scores` (null for other methods).
-HEALTH_COLUMNS = (
-    "rl_steps",
-    "rl_rollouts",
-    "rl_reward_first",
-    "rl_reward_last",
-    "rl_reward_mean",
-    "rl_reward_std_mean",
-    "rl_zero_std_fraction",
-    "rl_kl_last",
-    "rl_entropy_first",
-    "rl_entropy_last",
-    "rl_length_first",
-    "rl_length_last",
-    "rl_truncated_fraction",
-    "rl_clip_ratio",
-)
-
-
-def health_summary(steps: pl.DataFrame | None, rollouts: pl.DataFrame | None) -> dict:
-    """One round's RL health in flat columns (`HEALTH_COLUMNS`, None when not RL).
-
-    "first"/"last" are the mean of the first and last quarter of the steps (at least
-    one step each), so one noisy step does not decide a trend.
-    """
-    out: dict[str, Any] = dict.fromkeys(HEALTH_COLUMNS)
-    if steps is None or steps.height == 0:
-        return out
-    steps = steps.sort("step")
-    q = max(1, steps.height // 4)
-
-    def mean(column: str, frame: pl.DataFrame = steps) -> float | None:
-        values = frame[column].drop_nulls()
-        return float(values.mean()) if values.len() else None
-
-    head, tail = steps.head(q), steps.tail(q)
-    out |= {
-        "rl_steps": steps.height,
-        "rl_rollouts": rollouts.height if rollouts is not None else None,
-        "rl_reward_first": mean("reward_mean", head),
-        "rl_reward_last": mean("reward_mean", tail),
-        "rl_reward_mean": mean("reward_mean"),
-        "rl_reward_std_mean": mean("reward_std"),
-        "rl_zero_std_fraction": mean("zero_std_fraction"),
-        "rl_kl_last": mean("kl", tail),
-        "rl_entropy_first": mean("entropy", head),
-        "rl_entropy_last": mean("entropy", tail),
-        "rl_length_first": mean("mean_completion_tokens", head),
-        "rl_length_last": mean("mean_completion_tokens", tail),
-        "rl_truncated_fraction": mean("truncated_fraction"),
-        "rl_clip_ratio": mean("clip_ratio"),
-    }
-    return out
-
-
-def round_health(store, round_: str, online: bool) -> dict:
-    """The `rl_*` columns of a round's `eval_scores` (all None for a non-RL round)."""
-    if not online or not store.has(round_, STEPS_TABLE):
-        return health_summary(None, None)
-    rollouts = store.read(round_, ROLLOUTS_TABLE) if store.has(round_, ROLLOUTS_TABLE) else None
-    return health_summary(store.read(round_, STEPS_TABLE), rollouts)
 
 
 @dataclass
@@ -673,12 +309,3 @@ class RolloutRecorder:
         self.rollouts = rollout_rows(logged, self.round_, self.policy, self.rl, names)
         self.steps = step_rows(trainer.state.log_history, self.round_)
         return {"rl": health_summary(self.steps, self.rollouts)}
-
-
-def _message_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    messages = list(value) if value is not None else []
-    if messages and isinstance(messages[-1], dict):
-        return str(messages[-1].get("content", ""))
-    return str(value)

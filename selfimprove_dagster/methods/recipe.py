@@ -30,6 +30,7 @@ from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import content_hash
 from selfimprove_dagster.methods import consistency, grpo, judge, refine, self_verify, star
 from selfimprove_dagster.progress import LogFn
+from selfimprove_dagster.store.schemas import METRIC_COLUMNS
 
 CRITICS = ("star", "self_consistency", "self_judge", "self_verify")
 ONLINE = grpo.ALGORITHMS  # online RL: the critic is the verifier, the trainer samples
@@ -256,6 +257,46 @@ def select_training_set(
     return star.filter_accepted(generations, critiques, max_per_prompt, refinements)
 
 
+def select_round_training_set(
+    recipe: Recipe,
+    store,
+    round_: str,
+    max_per_prompt: int,
+    settings: MethodSettings,
+    use_refinements: bool = False,
+) -> pl.DataFrame:
+    """`select_training_set` over the round's tables in `store` (`refinements` only
+    when the round refines or rationalizes and wrote them)."""
+    refinements = (
+        store.read(round_, "refinements")
+        if use_refinements and store.has(round_, "refinements")
+        else None
+    )
+    return select_training_set(
+        recipe,
+        store.read(round_, "generations"),
+        store.read(round_, "critiques"),
+        refinements,
+        max_per_prompt,
+        settings,
+    )
+
+
+def selection_figures(filtered: pl.DataFrame, generations: pl.DataFrame) -> dict:
+    """What the `filtered` step reports: kept fraction, prompt coverage, rows written
+    by a refiner or from a hint, and the training set's content hash."""
+    n_prompts = generations["prompt_id"].n_unique()
+    covered = filtered["prompt_id"].n_unique()
+    return {
+        "kept_fraction": filtered.height / max(generations.height, 1),
+        "prompts_covered": covered,
+        "prompt_coverage": covered / max(n_prompts, 1),
+        "refined_rows": int((filtered["source"] == "refined").sum()),
+        "rationalized_rows": int((filtered["source"] == "rationalized").sum()),
+        "content_hash": filtered_content_hash(filtered),
+    }
+
+
 def training_examples(
     recipe: Recipe, filtered: pl.DataFrame, prompts: pl.DataFrame | None = None
 ) -> list[dict[str, str]]:
@@ -281,33 +322,19 @@ def filtered_content_hash(filtered: pl.DataFrame) -> str:
     return content_hash(filtered.select(columns).to_dicts())
 
 
-# Columns of `method_metrics` (every round stores all of them, None where they do not apply).
-METRIC_COLUMNS = (
-    "pseudo_labeled_prompts",
-    "pseudo_label_precision",
-    "pseudo_label_recall",
-    "judge_unparseable_rate",
-    "judge_unscored",
-    "judge_accuracy",
-    "pair_accuracy",
-    "pairs",
-    "refined",
-    "repaired",
-    "repair_rate",
-    "probed",
-    "broken",
-    "broken_rate",
-    "self_verify_pick_accuracy",
-    "self_verify_sample_accuracy",
-    "self_verify_oracle",
-)
+def check_round_prompts(recipe: Recipe, prompts: pl.DataFrame) -> None:
+    """Refuse, before anything is sampled, a round whose task types the recipe cannot
+    handle (self_consistency needs answers that can be voted on: not code)."""
+    if recipe.critic == "self_consistency":
+        consistency.check_votable(star.train_prompts(prompts))
 
 
 def method_metrics(
     recipe: Recipe, critiques: pl.DataFrame, filtered: pl.DataFrame | None = None
 ) -> dict:
     """The recipe's own health figures (ground truth only measures, never selects);
-    pair figures need the round's `filtered` pairs."""
+    pair figures need the round's `filtered` pairs. Every round stores all of
+    `schemas.METRIC_COLUMNS`, None where they do not apply."""
     metrics: dict[str, object] = dict.fromkeys(METRIC_COLUMNS)
     if recipe.critic == "self_consistency":
         metrics |= consistency.pseudo_label_quality(critiques)

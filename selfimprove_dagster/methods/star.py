@@ -439,3 +439,14 @@ def training_examples(filtered: pl.DataFrame) -> list[dict[str, str]]:
 def filtered_content_hash(filtered: pl.DataFrame) -> str:
     """What the checkpoint was trained on: hash of (generation_id, prompt, completion)."""
     return content_hash(filtered.select("generation_id", "prompt", "completion").to_dicts())
+
+
+def generation_figures(generations: pl.DataFrame, engine_stats: dict) -> dict:
+    """What the `generations` step reports: throughput, completion length and the share
+    of samples that hit the token limit."""
+    return {
+        "tokens_per_second": round(engine_stats.get("tokens_per_s", 0.0), 1),
+        "generation_seconds": round(engine_stats.get("seconds", 0.0), 1),
+        "mean_completion_tokens": float(generations["completion_tokens"].mean() or 0.0),
+        "hit_length_limit_rate": float((generations["finish_reason"] == "length").mean() or 0.0),
+    }

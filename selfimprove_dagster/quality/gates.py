@@ -7,12 +7,12 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import string
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+
+from selfimprove_dagster.text import normalize_prompt
 
 
 @dataclass(frozen=True)
@@ -74,30 +74,6 @@ def gate_training_ran(manifest: dict[str, Any]) -> GateResult:
 _QUANTITY_RE = re.compile(r"\d+(?:[.,]\d+)*|[-+*/×÷^%=<>]")
 # Contaminated prompts listed in a failed gate's details.
 MAX_LISTED = 10
-
-
-def normalize_prompt(text: str) -> str:
-    """Comparable form of a prompt: Unicode-normalized, lowercase, whitespace collapsed,
-    trailing punctuation and spaces stripped ("What is 23 + 45?" -> "what is 23 + 45").
-
-    A multiple-choice prompt's option lines ("A. bank", "(B) mall") lose their labels
-    and are sorted, so the same question with its choices shuffled is the same prompt.
-    """
-    text = _canonical_choices(unicodedata.normalize("NFKC", text))
-    return " ".join(text.lower().split()).rstrip(string.punctuation + " ")
-
-
-# An option line of a multiple-choice prompt: "A. text", "B) text", "(C) text".
-_CHOICE_LINE_RE = re.compile(r"^\s*\(?[A-J][.)]\)?\s+(.+?)\s*$")
-
-
-def _canonical_choices(text: str) -> str:
-    lines = text.splitlines()
-    options = [m.group(1) for line in lines if (m := _CHOICE_LINE_RE.match(line))]
-    if len(options) < 2:
-        return text
-    stem = [line for line in lines if not _CHOICE_LINE_RE.match(line)]
-    return "\n".join([*stem, *sorted(o.lower() for o in options)])
 
 
 def contamination_matches(

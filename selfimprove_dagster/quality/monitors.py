@@ -22,6 +22,7 @@ import polars as pl
 
 from selfimprove_dagster.quality.gates import GateResult
 from selfimprove_dagster.quality.metrics import pass_at_k
+from selfimprove_dagster.quality.rl_health import health_summary
 
 # The monitors `exploration_dropped` compares between rounds.
 EXPLORATION_KEYS = ("pass_at_k", "distinct_correct_per_prompt")
@@ -222,8 +223,6 @@ RL_MAX_TRUNCATED = 0.5  # ... or more than half the rollouts hit the length limi
 
 
 def _rl_health(steps: pl.DataFrame | None) -> dict[str, Any]:
-    from selfimprove_dagster.methods.grpo import health_summary
-
     return health_summary(steps, None)
 
 

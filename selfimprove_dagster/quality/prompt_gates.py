@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from selfimprove_dagster.quality.gates import MAX_LISTED, GateResult, normalize_prompt
+from selfimprove_dagster.quality.gates import MAX_LISTED, GateResult
+from selfimprove_dagster.text import normalize_prompt
 
 
 def gate_unique_prompts(prompts: pl.DataFrame) -> GateResult:

@@ -33,10 +33,11 @@ from selfimprove_dagster.engines.base import GenerationEngine, Sampling
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
 from selfimprove_dagster.progress import LogFn
-from selfimprove_dagster.quality.gates import normalize_prompt
 from selfimprove_dagster.sources import curriculum as cur
 from selfimprove_dagster.sources import synthesis as syn
+from selfimprove_dagster.sources.tasks import VERIFIER_COLUMNS
 from selfimprove_dagster.store.storage import RoundStore, previous_round, round_index, round_key
+from selfimprove_dagster.text import normalize_prompt
 
 SOURCES = ("task", "dataset", "curriculum", "self_instruct")
 VERIFIABLE = ("task", "dataset", "curriculum")
@@ -64,8 +65,6 @@ PROMPT_SCHEMA: dict[str, pl.DataType] = {
     "entry_point": pl.String(),  # code: the function the tests call
 }
 
-_VERIFIER_COLUMNS = ("verifier", "choices", "tests", "test_setup", "entry_point")
-
 CANDIDATES_TABLE = "prompt_candidates"
 MIX_TABLE = "prompt_mix"
 MEASURE_TABLE = "curriculum_measure"  # the policy's answers the band choice rests on
@@ -88,6 +87,9 @@ class PromptPlan:
     # when the caller has its own (`TaskResource.problem_loader`: answer format, verifier
     # override, contamination drops); else built here from the fields above.
     load_problems: Callable[[str, int], pl.DataFrame] | None = None
+    # Where `load_problems` appends the dataset train rows it dropped as contaminated
+    # (`drop_contaminated`); `round_prompts` records each in `prompt_candidates`.
+    contaminated: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +101,16 @@ class RoundPrompts:
     mix: pl.DataFrame  # one row per source: weight, train/eval rows, choice and reason
     measurements: pl.DataFrame | None = None  # curriculum measure=policy: every sample
     notes: dict = field(default_factory=dict)  # metadata for the asset
+    contaminated: list[dict] = field(default_factory=list)  # dataset train rows dropped
+
+    def tables(self) -> dict[str, pl.DataFrame | None]:
+        """The prompts step's tables by name (None: not written this round)."""
+        return {
+            "prompts": self.prompts,
+            MIX_TABLE: self.mix,
+            MEASURE_TABLE: self.measurements,
+            CANDIDATES_TABLE: self.candidates,
+        }
 
 
 def parse_mix(entries: Sequence[str] | str) -> dict[str, float]:
@@ -193,9 +205,24 @@ def round_prompts(
         parts.append(frame)
         mix.append({"source": "self_instruct", "weight": plan.weights["self_instruct"], **row})
     prompts, dropped = assemble(parts)
+    # A source mix whose task types the curriculum cannot band stops here, before sampling.
+    cur.check_mix(prompts)
     notes["dropped_at_assembly"] = dropped
+    notes["contaminated_dropped"] = len(plan.contaminated)
+    if plan.contaminated:  # nothing hidden: each dropped row, with the eval prompt it matched
+        drops = syn.contamination_candidates(round_, plan.contaminated)
+        candidates = (
+            drops if candidates is None else pl.concat([candidates, drops], how="diagonal_relaxed")
+        )
     mix_frame = pl.DataFrame([{"round": round_, **r} for r in mix], infer_schema_length=None)
-    return RoundPrompts(prompts, candidates, mix_frame, measurements=measurements, notes=notes)
+    return RoundPrompts(
+        prompts,
+        candidates,
+        mix_frame,
+        measurements=measurements,
+        notes=notes,
+        contaminated=list(plan.contaminated),
+    )
 
 
 def assemble(parts: Sequence[pl.DataFrame]) -> tuple[pl.DataFrame, int]:
@@ -243,7 +270,7 @@ def problem_rows(
             "origin_round": [None] * n,
             "seed_ids": [[] for _ in range(n)],
             "parent_prompt_ids": [[] for _ in range(n)],
-            **{c: [None] * n for c in _VERIFIER_COLUMNS},
+            **{c: [None] * n for c in VERIFIER_COLUMNS},
         },
         schema=PROMPT_SCHEMA,
     )
@@ -285,7 +312,7 @@ def _dataset(plan: PromptPlan, n: int, store: RoundStore, round_: str):
 
 def _with_verifier_columns(frame: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
     """The problem table's verifier columns on its rows (same order) in `frame`."""
-    present = [c for c in _VERIFIER_COLUMNS if c in table.columns]
+    present = [c for c in VERIFIER_COLUMNS if c in table.columns]
     return frame.with_columns(table.select(present)) if present else frame
 
 
@@ -444,7 +471,7 @@ def _self_instruct(plan, n, store, round_, eval_rows, load_policy, log):
             "origin_round": [round_] * n_kept,
             "seed_ids": kept["seed_ids"],
             "parent_prompt_ids": kept["parent_prompt_ids"],
-            **{c: [None] * n_kept for c in _VERIFIER_COLUMNS},
+            **{c: [None] * n_kept for c in VERIFIER_COLUMNS},
         },
         schema=PROMPT_SCHEMA,
     )
@@ -494,6 +521,7 @@ def summary(result: RoundPrompts) -> dict:
             f"{r['source']}={r['weight']:g}" for r in result.mix.iter_rows(named=True)
         ),
         "dropped_at_assembly": result.notes.get("dropped_at_assembly", 0),
+        "contaminated_dropped": result.notes.get("contaminated_dropped", 0),
         "unverified_train_prompts": prompts.filter(
             (pl.col("split") == "train") & ~pl.col("answer_verified")
         ).height,

@@ -14,13 +14,12 @@ Every source yields a *problem table*, a polars DataFrame with the columns of
 - `choices`, `tests`, `test_setup`, `entry_point`: what the multiple-choice and code
                verifiers need (null elsewhere; `sources.datasets` reads every shape)
 
-Train and eval never share a prompt (compared lowercased and whitespace-collapsed),
+Train and eval never share a prompt (compared by `text.normalize_prompt`),
 so held-out accuracy is not inflated by training on the test questions.
 
     make_task("addition_2digit", n_train=200, n_eval=200, seed=0)
     make_task("addition_digits", n_train=200, n_eval=200, seed=0, difficulty=3)
     load_dataset_file("my_problems.jsonl", n_train=None, n_eval=100, seed=0)
-    load_gsm8k("../shared/data/gsm8k/test.jsonl")
     load_dataset_file("mine.jsonl", 100, 50, 0, drop_contaminated=True)  # drop near-copies
 """
 
@@ -38,7 +37,8 @@ import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.ids import prompt_id
-from selfimprove_dagster.sources.datasets import parse_record
+from selfimprove_dagster.sources.records import parse_record
+from selfimprove_dagster.text import normalize_prompt
 
 PROBLEM_SCHEMA: dict[str, pl.DataType] = {
     "prompt_id": pl.String(),
@@ -337,15 +337,6 @@ def load_split_files(
     )
 
 
-def load_gsm8k(
-    path: str | Path, n_train: int | None = None, n_eval: int | None = None, seed: int = 0
-) -> pl.DataFrame:
-    """GSM8K's `train.jsonl` / `test.jsonl`: test rows become eval, any other file train."""
-    path = Path(path)
-    eval_fraction = 1.0 if path.stem.lower() == "test" else 0.0
-    return load_dataset_file(path, n_train, n_eval, seed, eval_fraction, task="gsm8k")
-
-
 # --- helpers -------------------------------------------------------------------------
 
 
@@ -353,8 +344,8 @@ def _finish(path, train, eval_, counts, task, contamination):
     """Dedupe, keep eval out of train, take the counts, drop contaminated train rows."""
     (n_train, n_eval), (drop_contaminated, threshold, dropped_out) = counts, contamination
     train, eval_ = _dedupe(train), _dedupe(eval_)
-    eval_keys = {_prompt_key(r["prompt"]) for r in eval_}
-    train = [r for r in train if _prompt_key(r["prompt"]) not in eval_keys]
+    eval_keys = {normalize_prompt(r["prompt"]) for r in eval_}
+    train = [r for r in train if normalize_prompt(r["prompt"]) not in eval_keys]
     eval_ = _take(path, "n_eval", "eval", eval_, n_eval)
     if drop_contaminated:
         from selfimprove_dagster.quality.gates import contamination_matches
@@ -385,12 +376,7 @@ def problem_key(prompt: str, answer: str) -> object:
     has 23 cards and buys 29 more" differ only in names, so they must not land in
     both train and eval (the contamination gate would rightly flag them)."""
     numbers = tuple(re.findall(r"\d+", prompt))
-    return (numbers, answer) if numbers else _prompt_key(prompt)
-
-
-def _prompt_key(prompt: str) -> str:
-    # Two prompts differing only in case or spacing are the same question.
-    return " ".join(prompt.lower().split())
+    return (numbers, answer) if numbers else normalize_prompt(prompt)
 
 
 def _simple(prompt: str, answer: str) -> dict:
@@ -531,7 +517,7 @@ def _split_by_fraction(
 def _dedupe(rows: list[dict]) -> list[dict]:
     seen: dict[str, dict] = {}
     for row in rows:
-        seen.setdefault(_prompt_key(row["prompt"]), row)
+        seen.setdefault(normalize_prompt(row["prompt"]), row)
     return list(seen.values())
 
 

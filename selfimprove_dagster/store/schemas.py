@@ -14,9 +14,50 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The method and RL figure columns are named where they are computed.
-from selfimprove_dagster.methods.grpo import HEALTH_COLUMNS
-from selfimprove_dagster.methods.recipe import METRIC_COLUMNS
+# Tables an online RL round's checkpoint step writes beside `checkpoints`.
+ROLLOUTS_TABLE = "rollouts"  # one row per rollout (generations + critiques columns)
+STEPS_TABLE = "rl_steps"  # one row per optimizer step (RL health figures)
+
+# Figures a method adds to `eval_scores` (`methods.recipe.method_metrics`; null where the
+# round's method has none).
+METRIC_COLUMNS = (
+    "pseudo_labeled_prompts",
+    "pseudo_label_precision",
+    "pseudo_label_recall",
+    "judge_unparseable_rate",
+    "judge_unscored",
+    "judge_accuracy",
+    "pair_accuracy",
+    "pairs",
+    "refined",
+    "repaired",
+    "repair_rate",
+    "probed",
+    "broken",
+    "broken_rate",
+    "self_verify_pick_accuracy",
+    "self_verify_sample_accuracy",
+    "self_verify_oracle",
+)
+
+# Columns an RL round adds to `eval_scores` (`quality.rl_health.health_summary`; null for
+# other methods).
+HEALTH_COLUMNS = (
+    "rl_steps",
+    "rl_rollouts",
+    "rl_reward_first",
+    "rl_reward_last",
+    "rl_reward_mean",
+    "rl_reward_std_mean",
+    "rl_zero_std_fraction",
+    "rl_kl_last",
+    "rl_entropy_first",
+    "rl_entropy_last",
+    "rl_length_first",
+    "rl_length_last",
+    "rl_truncated_fraction",
+    "rl_clip_ratio",
+)
 
 
 @dataclass(frozen=True)
@@ -321,3 +362,11 @@ def columns(table: str) -> tuple[Column, ...]:
 def required_columns(table: str) -> list[str]:
     """The columns every `table` must have (its GE suite checks they exist)."""
     return [c.name for c in columns(table) if c.required]
+
+
+def polars_schema(table: str) -> dict:
+    """`{column: polars dtype}` of the declared columns of `table` (scalar types only):
+    the schema a frame of that table is built with when it may be empty."""
+    import polars as pl
+
+    return {c.name: getattr(pl, c.type) for c in columns(table)}

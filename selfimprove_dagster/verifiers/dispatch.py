@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.text import last_message_text
 from selfimprove_dagster.verifiers.verdict import Verdict
 
 DEFAULT_VERIFIER = "numeric"
@@ -55,7 +56,7 @@ def check_verifier(name: str) -> str:
 
 def verify_row(completion: str, row: Mapping[str, Any], verifier: str | None = None) -> Verdict:
     """The verdict on `completion` as an answer to `row` (see the module docstring)."""
-    return _row_verifier(verifier_name(row, verifier))(_text(completion), row)
+    return _row_verifier(verifier_name(row, verifier))(last_message_text(completion), row)
 
 
 def verify_rows(
@@ -72,30 +73,11 @@ def verify_rows(
         groups.setdefault(verifier_name(row, verifier), []).append(i)
     verdicts: list[Verdict | None] = [None] * len(rows)
     for name, indices in groups.items():
-        texts = [_text(completions[i]) for i in indices]
+        texts = [last_message_text(completions[i]) for i in indices]
         group_rows = [rows[i] for i in indices]
         for i, verdict in zip(indices, _batch_verifier(name)(texts, group_rows), strict=True):
             verdicts[i] = verdict
     return verdicts  # type: ignore[return-value]
-
-
-def verifier_reward(
-    completions: list[Any], verifier: str | list | None = None, **columns: list[Any]
-) -> list[float]:
-    """TRL-style reward from any verifier: 1.0 per accepted completion, else 0.0.
-
-    TRL passes dataset columns as keyword lists (`answer=[...]`, `choices=[...]`,
-    `tests=[...]`, `verifier=[...]`); they are zipped back into rows here. A string
-    `verifier` judges every row with that verifier.
-    """
-    n = len(completions)
-    if isinstance(verifier, list | tuple):  # the dataset's `verifier` column
-        columns["verifier"], verifier = list(verifier), None
-    rows = [
-        {key: values[i] for key, values in columns.items() if _is_column(values, n)}
-        for i in range(n)
-    ]
-    return [1.0 if v.correct else 0.0 for v in verify_rows(completions, rows, verifier)]
 
 
 # --- helpers ---------------------------------------------------------------------
@@ -123,14 +105,3 @@ def _batch_verifier(name: str) -> Callable[[list[str], list[Mapping[str, Any]]],
             return module.verify_rows
     single = _row_verifier(name)
     return lambda texts, rows: [single(t, r) for t, r in zip(texts, rows, strict=True)]
-
-
-def _is_column(values: Any, n: int) -> bool:
-    return isinstance(values, list | tuple) and len(values) == n
-
-
-def _text(completion: Any) -> str:
-    # TRL hands conversational completions over as [{"role": ..., "content": ...}, ...].
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    return "" if completion is None else str(completion)

@@ -108,33 +108,6 @@ def ground_truth(completion: str, reference: object | None) -> bool | None:
     return None if reference is None else verify(completion, str(reference)).correct
 
 
-def correctness_reward(
-    completions: list[str], answers: list[str] | None = None, **kwargs: object
-) -> list[float]:
-    """TRL-style reward: 1.0 for each completion whose answer is right, else 0.0.
-
-    TRL passes dataset columns as keyword arguments named after the column, so a
-    problem table's `answer` column arrives as `answer=`; `answers=` works too.
-    Conversational completions (lists of chat messages) are scored on the last message.
-    """
-    if answers is None:
-        answers = kwargs.get("answer")  # type: ignore[assignment]
-    if answers is None:
-        raise SelfImproveError(
-            "correctness_reward got no reference answers",
-            "pass `answers=[...]` or keep an `answer` column in the training dataset",
-        )
-    if len(answers) != len(completions):
-        raise SelfImproveError(
-            f"correctness_reward got {len(completions)} completions but {len(answers)} answers",
-            "pass one reference answer per completion, in the same order",
-        )
-    return [
-        1.0 if verify(_completion_text(c), str(a)).correct else 0.0
-        for c, a in zip(completions, answers, strict=True)
-    ]
-
-
 # --- helpers ---------------------------------------------------------------------
 
 
@@ -222,13 +195,6 @@ def _same_number(a: str, b: str) -> bool:
     if a == b:
         return True
     return abs(Decimal(a) - Decimal(b)) <= TOLERANCE
-
-
-def _completion_text(completion: object) -> str:
-    # TRL hands conversational completions over as [{"role": ..., "content": ...}, ...].
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    return str(completion)
 
 
 def verify_row(completion: str, row: Mapping[str, Any]) -> Verdict:
