@@ -43,7 +43,7 @@ from selfimprove_dagster.store.storage import round_index
 def _round_policy(context, store, generator, evolution) -> tuple[str, str | None]:
     """The round's policy: round N−1's checkpoint, or with policy=best the promoted one
     among the rounds Dagster recorded as done."""
-    done = recorded_done_rounds(context) if evolution.policy == "best" else []
+    done = recorded_done_rounds(context, store) if evolution.policy == "best" else []
     return round_policy(store, context.partition_key, generator.base_model, evolution.policy, done)
 
 

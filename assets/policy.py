@@ -38,9 +38,10 @@ NO_FAILED_BLOCKING_CHECKS = (
 POLICY_AUTOMATION = dg.AutomationCondition.eager() & NO_FAILED_BLOCKING_CHECKS
 
 
-def _record(context: dg.AssetExecutionContext) -> DagsterRecord:
+def _record(context: dg.AssetExecutionContext, store) -> DagsterRecord:
     # policy_job runs without the round assets: read the record against their graph.
-    return DagsterRecord(context.instance, round_graph(context, ROUND_ASSETS, ROUND_CHECKS))
+    graph = round_graph(context, ROUND_ASSETS, ROUND_CHECKS)
+    return DagsterRecord(context.instance, graph, store.chain_problem)
 
 
 @dg.asset(
@@ -57,7 +58,7 @@ def promoted_policy(
     none qualifies. One row: round, checkpoint, accuracy, decided_after, reason
     (DuckDB view `promoted_policy`)."""
     store = storage.store()
-    record = _record(context)
+    record = _record(context, store)
     chosen = promotion(store.eval_history(record.done_rounds()))
     path = store.write_promoted(chosen.frame())
     context.log.info(store.refresh_catalog())
@@ -87,7 +88,7 @@ def history(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.M
     Metadata: the plot and the table (round, kept, accuracy_before, accuracy_after,
     pass_at_k, promoted)."""
     store = storage.store()
-    record = _record(context)
+    record = _record(context, store)
     materialized = [key for key in record.rounds() if record.round(key).materialized]
     rounds = store.eval_history(materialized)
     chosen = promotion(store.eval_history(record.done_rounds()))

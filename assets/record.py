@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -28,7 +28,7 @@ import dagster as dg
 from assets.partitions import ROUNDS
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.evolution import RecordSnapshot, RoundState
-from selfimprove_dagster.store.storage import previous_round, round_index
+from selfimprove_dagster.store.storage import RoundStore, previous_round, round_index
 
 ROUND_JOB = "round_job"
 EVAL_SCORES = dg.AssetKey("eval_scores")
@@ -134,9 +134,17 @@ class DagsterRecord:
     a SQLite instance.
     """
 
-    def __init__(self, instance: dg.DagsterInstance, graph: RoundGraph) -> None:
+    def __init__(
+        self,
+        instance: dg.DagsterInstance,
+        graph: RoundGraph,
+        chain_problem: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """`chain_problem(round)` (the round store's) checks a recorded round's
+        checkpoint chain; without it chains are taken as verified."""
         self.instance = instance
         self.graph = graph
+        self.chain_problem = chain_problem
         self._seen: dict[str, RoundState] = {}
 
     def round(self, round_: str) -> RoundState:
@@ -177,6 +185,7 @@ class DagsterRecord:
                 if parent.timestamp > latest.timestamp and other_run:
                     newer.append(key.to_user_string())
         failed, not_run = self.gates(round_)
+        chain = self.chain_problem(round_) if latest is not None and self.chain_problem else None
         return RoundState(
             round_,
             materialized=latest is not None,
@@ -184,6 +193,7 @@ class DagsterRecord:
             unrun_gates=tuple(not_run),
             newer=tuple(newer),
             has_runs=latest is not None or has_runs(self.instance, round_),
+            chain_problem=chain,
         )
 
     def gates(self, round_: str) -> tuple[list[str], list[str]]:
@@ -348,7 +358,7 @@ def round_steps(assets: Iterable[Any]) -> list[RoundStep]:
     return ordered
 
 
-def recorded_done_rounds(context: dg.AssetExecutionContext) -> list[str]:
-    """The rounds Dagster recorded as done, read from inside a step (`policy=best`
-    chooses among these, as promotion and the sensor do)."""
-    return DagsterRecord(context.instance, round_graph(context)).done_rounds()
+def recorded_done_rounds(context: dg.AssetExecutionContext, store: RoundStore) -> list[str]:
+    """The rounds that are done, read from inside a step (`policy=best` chooses among
+    these, as promotion and the sensor do)."""
+    return DagsterRecord(context.instance, round_graph(context), store.chain_problem).done_rounds()

@@ -59,10 +59,9 @@ def check_round_order(context: dg.AssetExecutionContext) -> None:
 def _plan(context, storage: StorageResource, evolution: EvolutionResource) -> RoundPlan:
     """The decision of a sensor or schedule tick, from its instance and code location."""
     store = storage.store()
-    record = DagsterRecord(context.instance, RoundGraph.of(context.repository_def))
-    return decide_next(
-        record.snapshot(), store.eval_history, evolution.rules(), store.chain_problem
-    )
+    graph = RoundGraph.of(context.repository_def)
+    record = DagsterRecord(context.instance, graph, store.chain_problem)
+    return decide_next(record.snapshot(), store.eval_history, evolution.rules())
 
 
 def round_run_request(round_: str, reason: str) -> dg.RunRequest:

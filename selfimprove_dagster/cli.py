@@ -63,7 +63,7 @@ def write_instance_config(path: Path) -> None:
     path.write_text(LOCAL_INSTANCE_YAML)
 
 
-def dagster_record(defs=None):
+def dagster_record(defs=None, store: RoundStore | None = None):
     """The instance's record of the rounds, read against the code location's graph."""
     import dagster as dg
 
@@ -73,7 +73,8 @@ def dagster_record(defs=None):
         from selfimprove_dagster.definitions import build_definitions
 
         defs = build_definitions()
-    return DagsterRecord(dg.DagsterInstance.get(), RoundGraph.of(defs.get_repository_def()))
+    graph = RoundGraph.of(defs.get_repository_def())
+    return DagsterRecord(dg.DagsterInstance.get(), graph, store.chain_problem if store else None)
 
 
 def gate_summary(state) -> str:
@@ -83,6 +84,8 @@ def gate_summary(state) -> str:
         return "failed: " + ", ".join(bad)
     if state.newer:
         return "stale: re-materialized since: " + ", ".join(state.newer)
+    if state.chain_problem:
+        return "stale: " + state.chain_problem
     return "ok"
 
 
@@ -92,7 +95,7 @@ def status_rows(store: RoundStore, record=None) -> list[dict]:
     from selfimprove_dagster.evolution import promotion
     from selfimprove_dagster.sources.mix import prompt_status
 
-    record = record or dagster_record()
+    record = record or dagster_record(store=store)
     states = {key: record.round(key) for key in record.rounds()}
     recorded = [key for key, state in states.items() if state.materialized]
     done = [key for key in recorded if states[key].done]
@@ -182,7 +185,7 @@ def round_to_run(record, store: RoundStore, key: str) -> str | None:
     state = record.round(key)
     if not state.done:
         return state.problem() or "not done"
-    return store.chain_problem(key)
+    return None
 
 
 def refuse_if_running(instance, key: str) -> None:
@@ -228,7 +231,7 @@ def _run_rounds(defs, store: RoundStore, rounds: int) -> int:
     from assets.record import ROUND_JOB, SETTINGS_TAG
 
     job = defs.resolve_job_def(ROUND_JOB)
-    record = dagster_record(defs)
+    record = dagster_record(defs, store)
     settings = settings_fingerprint(defs)
     instance = record.instance
     for index in range(rounds):
@@ -251,7 +254,7 @@ def _run_rounds(defs, store: RoundStore, rounds: int) -> int:
             tags={SETTINGS_TAG: settings},
             asset_selection=selection,
         )
-        record = dagster_record(defs)  # a fresh read of what the run recorded
+        record = dagster_record(defs, store)  # a fresh read of what the run recorded
         if not result.success:
             print(f"{key} failed: {run_failure_message(result)}", file=sys.stderr)
             return 1

@@ -7,7 +7,7 @@ the B-STaR monitors) and over a snapshot of Dagster's record (`RecordSnapshot`: 
 rounds are done, as `RoundState.done` defines it). The sensor, the schedule and the
 CLI all decide with `decide_next`:
 
-    plan = decide_next(snapshot, store.eval_history, StopRules(), store.chain_problem)
+    plan = decide_next(record.snapshot(), store.eval_history, StopRules())
     plan.decision.proceed, plan.decision.next_round, plan.decision.reason
 
 `promoted_round` is the checkpoint to serve (best held-out accuracy among rounds that
@@ -76,8 +76,10 @@ class RoundState:
     instance, `assets/record.py`). The one meaning of "done" every caller uses:
 
         its `eval_scores` materialization exists, every blocking check passed on it
-        (latest evaluation, no later planned-but-unrun attempt), and no round asset
-        upstream of `eval_scores` was materialized after it (not stale).
+        (latest evaluation, no later planned-but-unrun attempt), no round asset upstream
+        of `eval_scores` was materialized after it, and its checkpoint chain verifies
+        (the adapter, its parent and the policy that sampled its data are the ones it
+        recorded: a re-materialized earlier round makes it stale).
     """
 
     round: str
@@ -86,6 +88,7 @@ class RoundState:
     unrun_gates: tuple[str, ...] = ()  # planned in a run but never evaluated
     newer: tuple[str, ...] = ()  # upstream assets materialized after eval_scores
     has_runs: bool = True  # any run ever targeted the partition
+    chain_problem: str | None = None  # why its checkpoint chain does not verify (None: it does)
 
     @property
     def gates_passed(self) -> bool:
@@ -93,7 +96,7 @@ class RoundState:
 
     @property
     def done(self) -> bool:
-        return self.materialized and self.gates_passed and not self.newer
+        return self.materialized and self.gates_passed and not self.newer and not self.chain_problem
 
     def bad_gates(self) -> list[str]:
         return [*self.failed_gates, *(f"{name} (did not run)" for name in self.unrun_gates)]
@@ -109,7 +112,7 @@ class RoundState:
                 f"{self.round} is stale: {', '.join(self.newer)} was re-materialized after its "
                 f"eval_scores; re-run {self.round} (`selfimprove run` or the UI)"
             )
-        return None
+        return self.chain_problem
 
 
 @dataclass(frozen=True)
@@ -140,13 +143,11 @@ def decide_next(
     snapshot: RecordSnapshot,
     history: Callable[[Sequence[str]], pl.DataFrame],
     rules: StopRules,
-    chain_problem: Callable[[str], str | None] = lambda _round: None,
 ) -> RoundPlan:
     """The next round, from a snapshot of Dagster's record: what the sensor, the
-    schedule and `selfimprove` decide with.
+    schedule and `selfimprove` decide with. `history(rounds)` gives those rounds'
+    `eval_scores` rows.
 
-    `history(rounds)` gives those rounds' `eval_scores` rows; `chain_problem(round)` why
-    the next round must not build on that round's checkpoint (None: its chain verifies).
     In order: a running round waits; a latest partition that is not done waits for a
     person (failed or unrun gates, a crash, a stale round: never retried by itself); a
     checkpoint chain that does not verify waits; otherwise the stop rules decide on the
@@ -161,18 +162,17 @@ def decide_next(
             # A stop with the round's figures: they say more than the gate's name.
             frame = history([*done, latest.round])
             return RoundPlan(next_round_decision(frame, False, rules, latest.bad_gates()))
-        if latest.materialized and not latest.done:
+        if latest.materialized and latest.newer:
             return _wait(latest.problem() or f"{latest.round} is not done")
         if not latest.materialized and latest.has_runs:
             return _wait(
                 f"{latest.round} did not complete (no eval_scores): see its failed run, then "
                 f"re-run {latest.round} from the UI or the CLI"
             )
+    built_on = [s for s in snapshot.rounds if s.materialized and s.gates_passed and not s.newer]
+    if built_on and built_on[-1].chain_problem:
+        return _wait(f"not building on {built_on[-1].round}: {built_on[-1].chain_problem}")
     decision = next_round_decision(history(done), True, rules)
-    if decision.proceed and done:
-        problem = chain_problem(done[-1])
-        if problem is not None:
-            return _wait(f"not building on {done[-1]}: {problem}")
     known = {state.round for state in snapshot.rounds}
     return RoundPlan(decision, add_partition=decision.proceed and decision.next_round not in known)
 

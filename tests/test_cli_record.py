@@ -97,6 +97,10 @@ def test_a_round_whose_gate_failed_is_not_done(defs, store, capsys, monkeypatch)
 def test_a_done_round_whose_chain_broke_runs_again(defs, store, capsys):
     assert cli._run_rounds(defs, store, 1) == 0
     store.broken["round_000"] = "its base model changed since it was trained"
+    # Status, promotion, policy=best and the sensor read the same "done": not done now.
+    state = cli.dagster_record(defs, store).round("round_000")
+    assert not state.done
+    assert cli.gate_summary(state) == "stale: its base model changed since it was trained"
     capsys.readouterr()
     assert cli._run_rounds(defs, store, 1) == 0
     out = capsys.readouterr().out

@@ -17,6 +17,9 @@ from selfimprove_dagster.evolution import (
 DONE = RoundState("round_000", materialized=True)
 GATE_FAILED = RoundState("round_001", materialized=True, failed_gates=("check_min_rows_filtered",))
 STALE = RoundState("round_001", materialized=True, newer=("checkpoint",))
+CHAIN_STALE = RoundState(
+    "round_001", materialized=True, chain_problem="round_000's adapter changed since"
+)
 NEVER_RAN = RoundState("round_001", materialized=False, has_runs=False)
 CRASHED = RoundState("round_001", materialized=False, has_runs=True)
 
@@ -34,6 +37,7 @@ def test_done_needs_the_record_the_gates_and_a_current_chain():
     assert DONE.done
     assert not GATE_FAILED.done and "a blocking gate failed in round_001" in GATE_FAILED.problem()
     assert not STALE.done and "round_001 is stale: checkpoint" in STALE.problem()
+    assert not CHAIN_STALE.done and CHAIN_STALE.problem().startswith("round_000's adapter")
     assert not NEVER_RAN.done and not CRASHED.done
 
 
@@ -59,12 +63,12 @@ def test_a_running_round_and_a_broken_chain_wait():
         RecordSnapshot((DONE,), running="round_job is running"), history, StopRules()
     )
     assert running.decision.reason == "round_job is running"
-    broken = decide_next(
-        RecordSnapshot((DONE,)), history, StopRules(max_rounds=10), lambda r: "adapter changed"
-    )
+    chain_broken = RoundState("round_000", materialized=True, chain_problem="adapter changed")
+    broken = decide_next(RecordSnapshot((chain_broken,)), history, StopRules(max_rounds=10))
     assert broken.decision.reason == "not building on round_000: adapter changed"
 
 
 def test_promotion_reads_done_rounds_only():
-    snapshot = RecordSnapshot((DONE, GATE_FAILED))
-    assert promotion(history(snapshot.done_rounds())).round == "round_000"
+    for not_done in (GATE_FAILED, STALE, CHAIN_STALE):  # each scored best (0.9)
+        snapshot = RecordSnapshot((DONE, not_done))
+        assert promotion(history(snapshot.done_rounds())).round == "round_000"

@@ -16,6 +16,7 @@ from assets.partitions import ROUNDS
 from assets.policy import POLICY_ASSETS, POLICY_AUTOMATION, history, policy_job, promoted_policy
 from resources import StorageResource
 from selfimprove_dagster.store.storage import RoundStore
+from tests.conftest import STORES, StubStorageResource, StubStore
 
 GATE = "check_no_regression_eval_scores"
 # round -> (accuracy_before, accuracy_after); round_002 is the planted regression.
@@ -53,7 +54,10 @@ round_job = dg.define_asset_job(
 
 @pytest.fixture
 def store(tmp_path) -> RoundStore:
-    return RoundStore(tmp_path / "var")
+    # Stand-in rounds have no checkpoints: their chains verify by decree (`StubStore`).
+    stub = StubStore(tmp_path / "var")
+    STORES[str(stub.data_dir)] = stub
+    return stub
 
 
 @pytest.fixture
@@ -67,7 +71,7 @@ def definitions(store: RoundStore) -> dg.Definitions:
         assets=[stand_in_eval_scores, *POLICY_ASSETS],
         asset_checks=[stand_in_gate],
         jobs=[round_job, policy_job],
-        resources={"storage": StorageResource(data_dir=str(store.data_dir))},
+        resources={"storage": StubStorageResource(data_dir=str(store.data_dir))},
     )
 
 

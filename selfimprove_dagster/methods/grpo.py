@@ -80,8 +80,9 @@ def select_rl_prompts(
     policy were sometimes right and sometimes wrong (their group has reward variance:
     GRPO learns only from those), then never-solved prompts, then always-solved ones,
     each shuffled with the seed; `all` shuffles all prompts. Why: a group whose rewards
-    are all equal has zero advantage and gives no gradient (measured on the embedded model: from the base
-    model 75-100% of groups had none), so spending steps on them buys nothing.
+    are all equal has zero advantage and gives no gradient (measured on the embedded
+    model: from the base model 75-100% of groups had none), so spending steps on them
+    buys nothing.
 
     Rows: round, generation_id (the prompt's best-rewarded sample, for lineage; never an
     SFT target), prompt_id, prompt, completion (that sample), source (rl_prompt),
