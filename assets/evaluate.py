@@ -8,99 +8,91 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from assets.partitions import ROUNDS
-from assets.tables import parent_metadata, save, side_results, table_result, table_spec
-from resources import (
-    EvolutionResource,
-    GeneratorResource,
-    MethodResource,
-    StorageResource,
-    TaskResource,
-    TrainerResource,
-)
+from assets.loop import Loop
+from assets.tables import ROUND_KINDS, parent_metadata, table_spec
 from selfimprove_dagster.evaluation import ScoringPlan, score_round
 from selfimprove_dagster.profiles import MODEL_POOL
 from selfimprove_dagster.store.storage import round_index
+from selfimprove_dagster.verifiers.code import judge_metadata
+
+EVAL_SCORES_DOC = """Held-out scores of the round's checkpoint (greedy accuracy, pass@k)
+next to the accuracy of the policy that generated the round (before -> after), with
+the round's B-STaR monitors (the history across rounds is the `history` asset).
+
+Columns (one row): round, checkpoint, policy, accuracy_before, accuracy_after,
+pass_at_k, k, n_eval, kept, kept_fraction, train_pass_at_k,
+train_distinct_correct_per_prompt, train_answer_diversity, train_solved_fraction,
+selection_precision, selection_recall, critic_precision, critic_recall, balance_score,
+method and its figures (`schemas.METRIC_COLUMNS`; null where the method has none), the
+`rl_*` health of an online RL round, next_temperature, next_temperature_reason (with
+auto_temperature), eval_seconds. Per-prompt rows go to table `eval_details`."""
 
 
-def scoring_plan(round_, generator, task, trainer, evolution) -> ScoringPlan:
-    """How the round is scored, from the loop's settings."""
+def scoring_plan(round_: str, s) -> ScoringPlan:
+    """How the round is scored, from the run's settings."""
     return ScoringPlan(
-        sampling=generator.sampling(round_index(round_)),
-        max_new_tokens=generator.max_new_tokens,
-        eval_samples=task.eval_samples_per_prompt,
-        pass_at_k_prompts=task.pass_at_k_prompts,
-        samples_per_prompt=generator.samples_per_prompt,
-        max_per_prompt=trainer.max_per_prompt,
-        answer_format=generator.answer_format,  # as in `critiques`
-        auto_temperature=evolution.auto_temperature,
-        temperature_grid=tuple(evolution.temperature_grid),
-        tuning_prompts=evolution.tuning_prompts,
+        sampling=s.generator.sampling(round_index(round_)),
+        max_new_tokens=s.generator.max_new_tokens,
+        eval_samples=s.task.eval_samples_per_prompt,
+        pass_at_k_prompts=s.task.pass_at_k_prompts,
+        samples_per_prompt=s.generator.samples_per_prompt,
+        max_per_prompt=s.trainer.max_per_prompt,
+        answer_format=s.generator.answer_format,  # as in `critiques`
+        auto_temperature=s.evolution.auto_temperature,
+        temperature_grid=tuple(s.evolution.temperature_grid),
+        tuning_prompts=s.evolution.tuning_prompts,
     )
 
 
-@dg.multi_asset(
-    name="eval_scores",
-    partitions_def=ROUNDS,
-    pool=MODEL_POOL,
-    specs=[
-        # The round's monitors read its generations, critiques and filtered rows.
-        table_spec(
+def eval_scores_asset(loop: Loop) -> dg.AssetsDefinition:
+    @dg.multi_asset(
+        name=f"{loop.name}_eval_scores",
+        partitions_def=loop.partitions,
+        pool=MODEL_POOL,
+        required_resource_keys=loop.resource_keys(),
+        specs=[
+            # The round's monitors read its generations, critiques and filtered rows.
+            table_spec(
+                loop,
+                "eval_scores",
+                "evaluate",
+                deps=["eval_details", "checkpoint", "generations", "critiques", "filtered"],
+                kinds=ROUND_KINDS | {"pytorch"},
+                description=EVAL_SCORES_DOC,
+            ),  # fmt: skip
+            table_spec(
+                loop,
+                "eval_details",
+                "evaluate",
+                deps=["checkpoint", "prompts"],
+                description="One row per held-out prompt: greedy answer, correct, pass@k.",
+            ),  # fmt: skip
+        ],
+    )
+    def eval_scores(context: dg.AssetExecutionContext) -> Iterator[dg.MaterializeResult]:
+        step = loop.step(context)
+        s, store = step.settings, step.store
+        scores = score_round(
+            store,
+            step.round,
+            s.method.recipe(),
+            scoring_plan(step.round, s),
+            load_engine=lambda ref: s.generator.load(ref, store.models_dir),
+            log=step.log,
+        )
+        version = step.save("eval_scores", scores.tables())
+        # promoted_policy and history are assets of their own (assets/policy.py).
+        step.log(f"{step.round}: held-out accuracy {scores.before:.1%} -> {scores.after:.1%}")
+        yield from step.side_results(version, "eval_details")
+        yield step.result(
+            version,
             "eval_scores",
-            "evaluate",
-            deps=["eval_details", "checkpoint", "generations", "critiques", "filtered"],
-            kinds={"python", "parquet", "pytorch"},
-        ),
-        table_spec(
-            "eval_details",
-            "evaluate",
-            deps=["checkpoint", "prompts"],
-            description="One row per held-out prompt: greedy answer, correct, pass@k.",
-        ),
-    ],
-)
-def eval_scores(
-    context: dg.AssetExecutionContext,
-    storage: StorageResource,
-    generator: GeneratorResource,
-    task: TaskResource,
-    trainer: TrainerResource,
-    evolution: EvolutionResource,
-    method: MethodResource,
-) -> Iterator[dg.MaterializeResult]:
-    """Held-out scores of the round's checkpoint (greedy accuracy, pass@k) next to the
-    accuracy of the policy that generated the round (before -> after), with the round's
-    B-STaR monitors (the history across rounds is the `history` asset).
+            {
+                **{k: v for k, v in scores.row.items() if v is not None and k != "round"},
+                "accuracy_delta": scores.after - scores.before,
+                **judge_metadata(store.read(step.round, "prompts")),  # code: the sandbox
+                **parent_metadata(*store.generation_policy(step.round)),
+            },
+        )
 
-    Columns (one row): round, checkpoint, policy, accuracy_before, accuracy_after,
-    pass_at_k, k, n_eval, kept, kept_fraction, train_pass_at_k,
-    train_distinct_correct_per_prompt, train_answer_diversity, train_solved_fraction,
-    selection_precision, selection_recall, critic_precision, critic_recall,
-    balance_score, method and its figures (`schemas.METRIC_COLUMNS`: pseudo-label
-    precision/recall, judge accuracy and unparseable replies, pairs, refinements
-    repaired/broken; null where the method has none), the `rl_*` health of an online
-    RL round, next_temperature, next_temperature_reason (with auto_temperature),
-    eval_seconds. Per-prompt rows go to table `eval_details`.
-    """
-    store, round_ = storage.store(), context.partition_key
-    scores = score_round(
-        store,
-        round_,
-        method.recipe(),
-        scoring_plan(round_, generator, task, trainer, evolution),
-        load_engine=lambda ref: generator.load(ref, store.models_dir),
-        log=context.log.info,
-    )
-    version = save(context, store, "eval_scores", scores.tables())
-    # promoted_policy and history are assets of their own (assets/policy.py).
-    context.log.info(f"{round_}: held-out accuracy {scores.before:.1%} -> {scores.after:.1%}")
-    yield from side_results(version, "eval_details")
-    yield table_result(
-        version,
-        "eval_scores",
-        {
-            **{k: v for k, v in scores.row.items() if v is not None and k != "round"},
-            "accuracy_delta": scores.after - scores.before,
-            **parent_metadata(*store.generation_policy(round_)),
-        },
-    )
+    return eval_scores

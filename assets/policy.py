@@ -1,4 +1,4 @@
-"""The loop's outcome as assets of their own: `promoted_policy` and `history`.
+"""A loop's outcome as assets of its own: `<loop>/promoted_policy` and `<loop>/history`.
 
 Neither is partitioned: each reads every round Dagster recorded and is rebuilt when a
 round's `eval_scores` lands with its blocking checks passed.
@@ -8,17 +8,15 @@ round's `eval_scores` lands with its blocking checks passed.
 
 They are materialized by Declarative Automation (`POLICY_AUTOMATION`: Dagster's
 `eager()` — some round's eval_scores updated, none missing or in progress — and no
-round's eval_scores with a failed blocking check), which `policy_automation_sensor`
-(running by default) evaluates in the daemon (`dagster dev`, `selfimprove ui`); `selfimprove run`
-materializes them in process after each round (`policy_job`).
+round's eval_scores with a failed blocking check), which `<loop>_policy_automation_sensor`
+(running by default) evaluates in the daemon (`dagster dev`, `selfimprove ui`);
+`selfimprove run` materializes them in process after each round (`<loop>_policy_job`).
 """
 
 import dagster as dg
 
-from assets.checks import ROUND_CHECKS
-from assets.record import EVAL_SCORES, DagsterRecord, round_graph
-from assets.rounds import ROUND_ASSETS
-from resources import StorageResource
+from assets.loop import Loop
+from assets.record import DagsterRecord, round_graph
 from selfimprove_dagster.evolution import history_table, promotion
 from selfimprove_dagster.plots import markdown_image, render_history
 
@@ -38,91 +36,99 @@ NO_FAILED_BLOCKING_CHECKS = (
 POLICY_AUTOMATION = dg.AutomationCondition.eager() & NO_FAILED_BLOCKING_CHECKS
 
 
-def _record(context: dg.AssetExecutionContext, store) -> DagsterRecord:
-    # policy_job runs without the round assets: read the record against their graph.
-    graph = round_graph(context, ROUND_ASSETS, ROUND_CHECKS)
-    return DagsterRecord(context.instance, graph, store.chain_problem)
+def policy_assets(loop: Loop, round_assets, round_checks) -> list[dg.AssetsDefinition]:
+    """`promoted_policy` and `history` of one loop (its policy job runs without the
+    round assets, so the record is read against `round_assets` and `round_checks`)."""
 
+    def record(context, store) -> DagsterRecord:
+        graph = round_graph(context, loop, round_assets, round_checks)
+        return DagsterRecord(context.instance, graph, store.chain_problem)
 
-@dg.asset(
-    deps=[EVAL_SCORES],
-    group_name="evolve",
-    kinds={"parquet", "python"},
-    automation_condition=POLICY_AUTOMATION,
-)
-def promoted_policy(
-    context: dg.AssetExecutionContext, storage: StorageResource
-) -> dg.MaterializeResult:
-    """The checkpoint to serve: the best held-out accuracy among completed rounds (their
-    blocking gates passed) that did not score below their policy; the base model when
-    none qualifies. One row: round, checkpoint, accuracy, decided_after, reason
-    (DuckDB view `promoted_policy`)."""
-    store = storage.store()
-    record = _record(context, store)
-    chosen = promotion(store.eval_history(record.done_rounds()))
-    path = store.write_promoted(chosen.frame())
-    context.log.info(store.refresh_catalog())
-    context.log.info(f"promoted policy: {chosen.reason}")
-    return dg.MaterializeResult(
-        metadata={
-            "promoted_round": chosen.round or "none (base model)",
-            "accuracy": chosen.accuracy,
-            "checkpoint": chosen.checkpoint or "none (base model)",
-            "decided_after": chosen.decided_after or "none",
-            "reason": chosen.reason,
-            "dagster/row_count": 1,
-            "path": dg.MetadataValue.path(str(path)),
-        }
+    @dg.asset(
+        key=loop.key("promoted_policy"),
+        deps=[loop.key("eval_scores")],
+        group_name=loop.name,
+        kinds={"parquet", "python"},
+        automation_condition=POLICY_AUTOMATION,
+        required_resource_keys=loop.resource_keys("storage"),
     )
+    def promoted_policy(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """The checkpoint to serve: the best held-out accuracy among done rounds (their
+        blocking gates passed, their chain current) that did not score below their
+        policy; the base model when none qualifies. One row: round, checkpoint,
+        accuracy, decided_after, reason (DuckDB view `promoted_policy`)."""
+        store = loop.settings(context).storage.store()
+        chosen = promotion(store.eval_history(record(context, store).done_rounds()))
+        path = store.write_promoted(chosen.frame())
+        context.log.info(store.refresh_catalog())
+        context.log.info(f"promoted policy: {chosen.reason}")
+        return dg.MaterializeResult(
+            metadata={
+                "promoted_round": chosen.round or "none (base model)",
+                "accuracy": round(chosen.accuracy, 4) if chosen.accuracy is not None else None,
+                "checkpoint": chosen.checkpoint or "none (base model)",
+                "decided_after": chosen.decided_after or "none",
+                "reason": chosen.reason,
+                "dagster/row_count": 1,
+                "path": dg.MetadataValue.path(str(path)),
+            }
+        )
+
+    @dg.asset(
+        key=loop.key("history"),
+        deps=[loop.key("eval_scores")],
+        group_name=loop.name,
+        kinds={"python"},
+        automation_condition=POLICY_AUTOMATION,
+        required_resource_keys=loop.resource_keys("storage"),
+    )
+    def history(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """Held-out accuracy, pass@k, kept fraction and B-STaR balance across every round
+        with a recorded eval_scores (a round whose gate failed is shown, never promoted).
+        Metadata: the plot and the table (round, kept, accuracy_before, accuracy_after,
+        pass_at_k, promoted)."""
+        store = loop.settings(context).storage.store()
+        reader = record(context, store)
+        materialized = [key for key in reader.rounds() if reader.round(key).materialized]
+        rounds = store.eval_history(materialized)
+        chosen = promotion(store.eval_history(reader.done_rounds()))
+        table = history_table(rounds, chosen.round)
+        metadata = {
+            "dagster/row_count": table.height,
+            "promoted_round": chosen.round or "none (base model)",
+            "history_table": dg.MetadataValue.md(
+                table.to_pandas().to_markdown(index=False, floatfmt=".4g")
+                if table.height
+                else "no rounds yet"
+            ),
+        }
+        if table.height:
+            plot = render_history(rounds, store.plot_path("history.png"))
+            metadata["history"] = dg.MetadataValue.md(markdown_image(plot))
+            metadata["plot"] = dg.MetadataValue.path(str(plot))
+        return dg.MaterializeResult(metadata=metadata)
+
+    return [promoted_policy, history]
 
 
-@dg.asset(
-    deps=[EVAL_SCORES],
-    group_name="evolve",
-    kinds={"python"},
-    automation_condition=POLICY_AUTOMATION,
-)
-def history(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """Held-out accuracy, pass@k, kept fraction and B-STaR balance across every round
-    with a recorded eval_scores (a round whose gate failed is shown, never promoted).
-    Metadata: the plot and the table (round, kept, accuracy_before, accuracy_after,
-    pass_at_k, promoted)."""
-    store = storage.store()
-    record = _record(context, store)
-    materialized = [key for key in record.rounds() if record.round(key).materialized]
-    rounds = store.eval_history(materialized)
-    chosen = promotion(store.eval_history(record.done_rounds()))
-    table = history_table(rounds, chosen.round)
-    metadata = {
-        "dagster/row_count": table.height,
-        "promoted_round": chosen.round or "none (base model)",
-        "history_table": dg.MetadataValue.md(
-            table.to_pandas().to_markdown(index=False) if table.height else "no rounds yet"
-        ),
-    }
-    if table.height:
-        plot = render_history(rounds, store.plot_path("history.png"))
-        metadata["history"] = dg.MetadataValue.md(markdown_image(plot))
-        metadata["plot"] = dg.MetadataValue.path(str(plot))
-    return dg.MaterializeResult(metadata=metadata)
-
-
-POLICY_ASSETS = [promoted_policy, history]
-
-# Dagster's implicit `default_automation_condition_sensor` starts STOPPED; this one
-# (the same kind, over the policy assets) runs as soon as the daemon does.
-policy_automation_sensor = dg.AutomationConditionSensorDefinition(
-    "policy_automation_sensor",
-    target=dg.AssetSelection.assets(*POLICY_ASSETS),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
-    description="Materializes promoted_policy and history when a round's eval_scores "
-    "lands with its blocking checks passed (their automation condition).",
-)
-
-policy_job = dg.define_asset_job(
-    "policy_job",
-    selection=dg.AssetSelection.assets(*POLICY_ASSETS),
-    description="Rebuild promoted_policy and history from the rounds Dagster recorded "
-    "(`selfimprove run` runs it after each round; the automation sensor does in the UI).",
-)
+def policy_definitions(loop: Loop, round_assets, round_checks):
+    """The policy assets, the job that rebuilds them, and the automation sensor."""
+    assets = policy_assets(loop, round_assets, round_checks)
+    # Dagster's implicit `default_automation_condition_sensor` starts STOPPED; this one
+    # (the same kind, over the policy assets) runs as soon as the daemon does.
+    sensor = dg.AutomationConditionSensorDefinition(
+        f"{loop.name}_policy_automation_sensor",
+        target=dg.AssetSelection.assets(*assets),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=30,
+        description=f"Materializes `{loop.name}`'s promoted_policy and history when a round's "
+        "eval_scores lands with its blocking checks passed (their automation condition).",
+    )
+    job = dg.define_asset_job(
+        loop.policy_job_name,
+        selection=dg.AssetSelection.assets(*assets),
+        description=f"Rebuild `{loop.name}`'s promoted_policy and history from the rounds "
+        "Dagster recorded (`selfimprove run` runs it after each round; the automation "
+        "sensor does in the UI).",
+    )
+    return assets, job, sensor

@@ -1,128 +1,103 @@
-"""Sensors and a schedule that keep the model evolving, round after round.
+"""Sensors and a schedule that keep one loop evolving, round after round.
 
-- `next_round_sensor` (off by default): when the latest round is done, it adds
-  partition N+1 and requests its `round_job` run in one `SensorResult`; otherwise it
+- `<loop>_next_round_sensor` (off by default): when the latest round is done, it adds
+  partition N+1 and requests its round job run in one `SensorResult`; otherwise it
   skips, and the skip reason is the stop rule that applied or what is wrong with the
   latest round.
-- `round_schedule` (off by default): the same decision every 30 minutes, for
+- `<loop>_round_schedule` (off by default): the same decision every 30 minutes, for
   deployments that prefer a cron to a sensor. Turn on one of the two, not both.
-- `round_failure_sensor`: logs the failed step and its error when a round run fails.
+- `<loop>_round_failure_sensor`: logs the failed step and its error when a round fails.
 
 Both decide with `evolution.decide_next` over a snapshot of Dagster's record
 (`assets/record.py`: what "done" means), as `selfimprove run` does. Stop rules and the
-policy mode are the fields of `EvolutionResource`. Start the loop from the UI
-(Automation → next_round_sensor → Start) or with `dagster sensor start`.
+policy mode are the loop's `evolution` settings. Start a loop from the UI (Automation →
+<loop>_next_round_sensor → Start) or with `dagster sensor start`.
 """
 
 from typing import Any
 
 import dagster as dg
 
-from assets.partitions import ROUNDS
-from assets.record import (
-    BACKFILL_TAG,
-    PARTITION_TAG,
-    ROUND_JOB,
-    DagsterRecord,
-    RoundGraph,
-    round_graph,
-)
-from resources import EvolutionResource, StorageResource
-from selfimprove_dagster.errors import SelfImproveError
+from assets.loop import LOOP_TAG, Loop
+from assets.record import PARTITION_TAG, DagsterRecord, RoundGraph
 from selfimprove_dagster.evolution import RoundPlan, decide_next
-from selfimprove_dagster.store.storage import previous_round, round_index
 
 
-def check_round_order(context: dg.AssetExecutionContext) -> None:
-    """A run started by a backfill over several rounds builds round N only on a round
-    N−1 that is done as recorded (the instance runs a backfill's runs one at a time, in
-    the order the backfill submits them; this refuses the rest when one fails).
-    Called by the round's first step."""
-    if BACKFILL_TAG not in context.run.tags:
-        return
-    round_ = context.partition_key
-    parent = previous_round(round_)
-    if parent is None:
-        return
-    record = DagsterRecord(context.instance, round_graph(context))
-    known = record.rounds()
-    problem = record.round(parent).problem() if parent in known else f"{parent} never ran"
-    if problem is not None:
-        raise SelfImproveError(
-            f"Backfill {context.run.tags[BACKFILL_TAG]} reached {round_} but its parent "
-            f"{parent} is not done ({problem})",
-            f"fix and re-run {parent} first, then backfill from {round_}; or run "
-            f"`selfimprove run --rounds {round_index(round_) + 1}`, which runs rounds in order",
+def plan_next(loop: Loop, context) -> RoundPlan:
+    """The decision of a sensor or schedule tick, from its instance and code location.
+    A tick launches no run of its own: it reads the loop's declared settings (its
+    stop rules and its store), not a run's."""
+    settings = loop.spec.resources
+    store = settings["storage"].store()
+    graph = RoundGraph.of(context.repository_def, loop)
+    record = DagsterRecord(context.instance, graph, store.chain_problem)
+    return decide_next(record.snapshot(), store.eval_history, settings["evolution"].rules())
+
+
+def round_run_request(loop: Loop, round_: str, reason: str) -> dg.RunRequest:
+    """The run of the loop's round job for one round; the run key makes a repeat a no-op."""
+    return dg.RunRequest(
+        run_key=f"{loop.name}:{round_}",
+        partition_key=round_,
+        job_name=loop.job_name,
+        tags={"selfimprove/decision": reason, LOOP_TAG: loop.name},
+    )
+
+
+def next_round_sensor(loop: Loop) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=f"{loop.name}_next_round_sensor",
+        job_name=loop.job_name,
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description=f"Adds and runs round N+1 of loop `{loop.name}` when round N completed "
+        "with its gates passed, until a stop rule (max rounds, patience, regression, "
+        "failed gate) says otherwise.",
+    )
+    def sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        """One SensorResult adds the partition and requests its run, so the run never
+        targets a partition that does not exist yet. The cursor is the last requested
+        round, so a tick before the daemon applied the request does not repeat it."""
+        plan = plan_next(loop, context)
+        decision = plan.decision
+        if not decision.proceed or decision.next_round is None:
+            return dg.SkipReason(decision.reason)
+        round_ = decision.next_round
+        if plan.add_partition and context.cursor == round_:
+            return dg.SkipReason(f"{round_} already requested (waiting for the daemon to add it)")
+        return dg.SensorResult(
+            run_requests=[round_run_request(loop, round_, decision.reason)],
+            dynamic_partitions_requests=[loop.partitions.build_add_request([round_])]
+            if plan.add_partition
+            else [],
+            cursor=round_,
         )
 
-
-def _plan(context, storage: StorageResource, evolution: EvolutionResource) -> RoundPlan:
-    """The decision of a sensor or schedule tick, from its instance and code location."""
-    store = storage.store()
-    graph = RoundGraph.of(context.repository_def)
-    record = DagsterRecord(context.instance, graph, store.chain_problem)
-    return decide_next(record.snapshot(), store.eval_history, evolution.rules())
+    return sensor
 
 
-def round_run_request(round_: str, reason: str) -> dg.RunRequest:
-    """The run of `round_job` for one round; the run key makes a repeat a no-op."""
-    return dg.RunRequest(
-        run_key=f"round:{round_}",
-        partition_key=round_,
-        job_name=ROUND_JOB,
-        tags={"selfimprove/decision": reason},
+def round_schedule(loop: Loop) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name=f"{loop.name}_round_schedule",
+        cron_schedule="*/30 * * * *",
+        job_name=loop.job_name,
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description=f"Every 30 minutes: starts loop `{loop.name}`'s next round when none is "
+        "running and the stop rules allow (the cron alternative to the next-round sensor).",
     )
+    def schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        """Schedules cannot return dynamic-partition requests, so the partition is added
+        here, just before its run is requested (a partition without a run is picked up
+        as the next round on a later tick)."""
+        plan = plan_next(loop, context)
+        decision = plan.decision
+        if not decision.proceed or decision.next_round is None:
+            return dg.SkipReason(decision.reason)
+        if plan.add_partition:
+            context.instance.add_dynamic_partitions(loop.partitions.name, [decision.next_round])
+        return round_run_request(loop, decision.next_round, decision.reason)
 
-
-@dg.sensor(
-    job_name=ROUND_JOB,
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Adds and runs round N+1 when round N completed with its gates passed, "
-    "until a stop rule (max rounds, patience, regression, failed gate) says otherwise.",
-)
-def next_round_sensor(
-    context: dg.SensorEvaluationContext, storage: StorageResource, evolution: EvolutionResource
-) -> dg.SensorResult | dg.SkipReason:
-    """One SensorResult adds the partition and requests its run, so the run never
-    targets a partition that does not exist yet. The cursor is the last requested
-    round, so a tick before the daemon applied the request does not repeat it."""
-    plan = _plan(context, storage, evolution)
-    decision = plan.decision
-    if not decision.proceed or decision.next_round is None:
-        return dg.SkipReason(decision.reason)
-    round_ = decision.next_round
-    if plan.add_partition and context.cursor == round_:
-        return dg.SkipReason(f"{round_} already requested (waiting for the daemon to add it)")
-    return dg.SensorResult(
-        run_requests=[round_run_request(round_, decision.reason)],
-        dynamic_partitions_requests=[ROUNDS.build_add_request([round_])]
-        if plan.add_partition
-        else [],
-        cursor=round_,
-    )
-
-
-@dg.schedule(
-    cron_schedule="*/30 * * * *",
-    job_name=ROUND_JOB,
-    default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Every 30 minutes: starts the next round when none is running and the "
-    "stop rules allow (the cron alternative to next_round_sensor).",
-)
-def round_schedule(
-    context: dg.ScheduleEvaluationContext, storage: StorageResource, evolution: EvolutionResource
-) -> dg.RunRequest | dg.SkipReason:
-    """Schedules cannot return dynamic-partition requests, so the partition is added
-    here, just before its run is requested (a partition without a run is picked up as
-    the next round on a later tick)."""
-    plan = _plan(context, storage, evolution)
-    decision = plan.decision
-    if not decision.proceed or decision.next_round is None:
-        return dg.SkipReason(decision.reason)
-    if plan.add_partition:
-        context.instance.add_dynamic_partitions(ROUNDS.name, [decision.next_round])
-    return round_run_request(decision.next_round, decision.reason)
+    return schedule
 
 
 def describe_round_failure(
@@ -148,19 +123,25 @@ def _root_error(error: Any) -> str:
     return " ".join(error.message.split())
 
 
-# All jobs of the code location are monitored (the job object cannot be imported here
-# without a cycle); the body keeps to round runs. Running by default: it only logs.
-@dg.run_failure_sensor(
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Logs the failed step and its error when a round run fails.",
-)
-def round_failure_sensor(context: dg.RunFailureSensorContext) -> None:
-    if context.dagster_run.job_name != ROUND_JOB:
-        return
-    failures = list(context.get_step_failure_events())
-    context.log.error(describe_round_failure(context.dagster_run, failures, context.failure_event))
+def round_failure_sensor(loop: Loop) -> dg.SensorDefinition:
+    # Every job of the code location is monitored; the body keeps to this loop's rounds.
+    @dg.run_failure_sensor(
+        name=f"{loop.name}_round_failure_sensor",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Logs the failed step and its error when a round of `{loop.name}` fails.",
+    )
+    def sensor(context: dg.RunFailureSensorContext) -> None:
+        if context.dagster_run.job_name != loop.job_name:
+            return
+        failures = list(context.get_step_failure_events())
+        context.log.error(
+            describe_round_failure(context.dagster_run, failures, context.failure_event)
+        )
+
+    return sensor
 
 
-EVOLUTION_SENSORS = [next_round_sensor, round_failure_sensor]
-EVOLUTION_SCHEDULES = [round_schedule]
+def loop_sensors(loop: Loop) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
+    """The loop's sensors and schedule."""
+    return [next_round_sensor(loop), round_failure_sensor(loop)], [round_schedule(loop)]

@@ -56,19 +56,26 @@ class Page:
     expect: tuple[str, ...]  # texts that must appear
 
 
-def pages(round_: str) -> list[Page]:
+def pages(round_: str, loop: str = "demo") -> list[Page]:
     partition = urllib.parse.quote(round_)
     return [
-        # The global graph opens with one collapsed node per group (the stages).
-        Page("1-asset-graph", "/asset-groups", ("generate", "train", "evaluate", "evolve")),
+        # The global graph opens with one collapsed node per group: a group per loop.
+        Page("1-asset-graph", "/asset-groups", (loop, "add2_grpo", "experiments")),
         Page(
             "2-eval-scores-partition",
-            f"/assets/eval_scores?view=partitions&partition={partition}",
+            f"/assets/{loop}/eval_scores?view=partitions&partition={partition}",
             (round_, "accuracy_after"),
         ),
-        Page("3-filtered-checks", "/assets/filtered?view=checks", ("check_min_rows_filtered",)),
-        Page("4-promoted-policy", "/assets/promoted_policy", ("promoted_round", "reason")),
-        Page("5-runs", "/runs", ("round_job",)),
+        Page(
+            "3-filtered-checks",
+            f"/assets/{loop}/filtered?view=checks",
+            ("check_min_rows_filtered",),
+        ),
+        Page(
+            "4-promoted-policy", f"/assets/{loop}/promoted_policy", ("promoted_round", "reason")
+        ),
+        Page("5-runs", "/runs", (f"{loop}_round_job",)),
+        Page("6-experiments", "/assets/experiments", ("accuracy_per_round", "loops")),
     ]
 
 

@@ -1,12 +1,12 @@
 """Dagster resources: the knobs of a round and the engines they build.
 
 Each resource is a thin `dg.ConfigurableResource` over the core library. Every field
-has a default and a description (shown in the Dagster UI). `from_env(cls)` builds a
-resource whose fields are overridden by `SELFIMPROVE_<FIELD>` environment variables,
-which is how the CLI, the Makefile and deployments pick a recipe without editing code.
+has a default and a description (shown in the Dagster UI). A loop's settings are one
+resource per group (`settings.GROUPS`), resolved by `settings.resolve_settings` from the
+loop's YAML, the environment (`SELFIMPROVE_<FIELD>` for the demo loop) and run config.
 """
 
-from resources.env import ENV_PREFIX, from_env
+from resources.env import ENV_PREFIX
 from resources.evolution import EvolutionResource
 from resources.gates import GatesResource
 from resources.generator import GeneratorResource
@@ -24,5 +24,4 @@ __all__ = [
     "StorageResource",
     "TaskResource",
     "TrainerResource",
-    "from_env",
 ]

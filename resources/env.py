@@ -1,4 +1,6 @@
-"""Resources whose fields come from `SELFIMPROVE_*` environment variables.
+"""The environment variable names of the resources' fields (for a loop that reads its
+settings from the environment: `env_prefix`, SELFIMPROVE_ for the demo loop; the
+resolution order is in `resources/settings.py`).
 
 Two names reach a field, the more specific one wins:
 
@@ -24,15 +26,12 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Iterable, Mapping
-from typing import TypeVar
 
 import dagster as dg
-from pydantic import ValidationError
 
 from selfimprove_dagster.errors import SelfImproveError
 
 ENV_PREFIX = "SELFIMPROVE_"
-R = TypeVar("R", bound=dg.ConfigurableResource)
 
 # SELFIMPROVE_* settings that are not resource fields.
 OTHER_VARIABLES: dict[str, str] = {
@@ -49,44 +48,14 @@ def resource_prefix(cls: type) -> str:
     return (name[: -len("Resource")] if name.endswith("Resource") else name).upper()
 
 
-def field_variables(cls: type[dg.ConfigurableResource], name: str) -> tuple[str, str]:
+def field_variables(
+    cls: type[dg.ConfigurableResource], name: str, prefix: str = ENV_PREFIX
+) -> tuple[str, str]:
     """(per-resource variable, shared variable) of one field."""
     return (
-        f"{ENV_PREFIX}{resource_prefix(cls)}_{name.upper()}",
-        f"{ENV_PREFIX}{name.upper()}",
+        f"{prefix}{resource_prefix(cls)}_{name.upper()}",
+        f"{prefix}{name.upper()}",
     )
-
-
-def from_env(cls: type[R], environ: Mapping[str, str] | None = None, **fixed: object) -> R:
-    """`cls(...)` with each field taken from its environment variable when that is set
-    (the per-resource name first, then the shared one); `fixed` wins over both."""
-    env = os.environ if environ is None else environ
-    values: dict[str, object] = {}
-    source: dict[str, str] = {}
-    for name in cls.model_fields:
-        for variable in field_variables(cls, name):
-            raw = env.get(variable)
-            if raw is not None and raw != "":
-                # pydantic coerces "3" -> 3, "0.8" -> 0.8, "true" -> True; lists are "0.6,0.8".
-                is_list = getattr(cls.model_fields[name].annotation, "__origin__", None) is list
-                values[name] = raw.split(",") if is_list else raw
-                source[name] = variable
-                break
-    values.update(fixed)
-    try:
-        return cls(**values)
-    except ValidationError as error:
-        bad = ", ".join(_describe(e, source) for e in error.errors())
-        raise SelfImproveError(
-            f"Invalid setting for {cls.__name__}: {bad}",
-            "set the variable to a value in the field's range (docs/operations.md, Settings)",
-        ) from None
-
-
-def _describe(error: Mapping, source: Mapping[str, str]) -> str:
-    field = str(error["loc"][0]) if error.get("loc") else "?"
-    variable = source.get(field, f"{ENV_PREFIX}{field.upper()}")
-    return f"{variable}={error.get('input')!r} ({error['msg']})"
 
 
 def resource_classes() -> list[type[dg.ConfigurableResource]]:

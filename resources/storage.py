@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dagster as dg
 from pydantic import Field
 
@@ -16,4 +14,4 @@ class StorageResource(dg.ConfigurableResource):
     data_dir: str = Field(default="var", description="Data dir (relative to the working dir).")
 
     def store(self) -> RoundStore:
-        return RoundStore(Path(self.data_dir).expanduser().resolve())
+        return RoundStore.at(self.data_dir)

@@ -25,12 +25,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.store.storage import RoundStore, round_key
 
 STATUS_COLUMNS = ("round", "kept", "accuracy_before", "accuracy_after", "pass_at_k", "policy")
+# Runs launched here carry the label the UI files runs of this code location under
+# (`<repository>@<code location>`: workspace.yaml's and pyproject's location name).
+REPOSITORY_TAG = ".dagster/repository"
+REPOSITORY_LABEL = "__repository__@selfimprove_dagster"
 
 
 def use_data_dir(data_dir: str) -> RoundStore:
@@ -63,18 +69,68 @@ def write_instance_config(path: Path) -> None:
     path.write_text(LOCAL_INSTANCE_YAML)
 
 
-def dagster_record(defs=None, store: RoundStore | None = None):
-    """The instance's record of the rounds, read against the code location's graph."""
-    import dagster as dg
+@dataclass
+class LoopHandle:
+    """One loop of the code location, as the CLI drives it: its names, its resources
+    (by group, as its YAML and environment resolved them) and its round store."""
 
-    from assets.record import DagsterRecord, RoundGraph
+    defs: Any  # the code location's dg.Definitions (every loop)
+    loop: Any  # assets.loop.Loop
+    resources: dict
+    store: RoundStore
+
+    @property
+    def name(self) -> str:
+        return self.loop.name
+
+
+def default_loop(loops: dict[str, dict]) -> str:
+    """The loop a command acts on without --loop: the one that reads SELFIMPROVE_*
+    variables (the demo loop), else the only one."""
+    readers = [name for name, info in loops.items() if info.get("env_prefix") == "SELFIMPROVE_"]
+    if len(readers) == 1:
+        return readers[0]
+    if len(loops) == 1:
+        return next(iter(loops))
+    raise SelfImproveError(
+        f"Several loops ({', '.join(loops)}) and none is the default",
+        "name one with --loop NAME (`selfimprove loops` lists them)",
+    )
+
+
+def open_loop(name: str | None = None, defs=None) -> LoopHandle:
+    """The loop called `name` (default: `default_loop`) of the code location."""
+    from assets import Loop, loops_of
+    from resources.settings import GROUPS
 
     if defs is None:
         from selfimprove_dagster.definitions import build_definitions
 
         defs = build_definitions()
-    graph = RoundGraph.of(defs.get_repository_def())
-    return DagsterRecord(dg.DagsterInstance.get(), graph, store.chain_problem if store else None)
+    loops = loops_of(defs)
+    if not loops:
+        raise SelfImproveError(
+            "The code location defines no loop",
+            "add one: `dg scaffold defs selfimprove_dagster.components.SelfImproveLoop NAME`",
+        )
+    name = name or default_loop(loops)
+    if name not in loops:
+        raise SelfImproveError(
+            f"No loop named `{name}`", f"use one of: {', '.join(loops)} (`selfimprove loops`)"
+        )
+    loop = Loop(name)
+    resources = {group: defs.resources[loop.resource_key(group)] for group in GROUPS}
+    return LoopHandle(defs, loop, resources, resources["storage"].store())
+
+
+def dagster_record(handle: LoopHandle):
+    """The instance's record of one loop's rounds, read against the code location."""
+    import dagster as dg
+
+    from assets.record import DagsterRecord, RoundGraph
+
+    graph = RoundGraph.of(handle.defs.get_repository_def(), handle.loop)
+    return DagsterRecord(dg.DagsterInstance.get(), graph, handle.store.chain_problem)
 
 
 def gate_summary(state) -> str:
@@ -89,35 +145,38 @@ def gate_summary(state) -> str:
     return "ok"
 
 
-def status_rows(store: RoundStore, record=None) -> list[dict]:
+def status_rows(handle: LoopHandle, record=None) -> list[dict]:
     """Per round with a recorded eval_scores: kept samples, held-out accuracy before ->
-    after, pass@k, its gates; the promoted round among the done ones."""
+    after, pass@k, its gates; the promoted round among the done ones. Read from small
+    per-round records only (the eval_scores row, the pointers' row counts, the first
+    generation's temperature), never from the big tables."""
     from selfimprove_dagster.evolution import promotion
     from selfimprove_dagster.sources.mix import prompt_status
 
-    record = record or dagster_record(store=store)
+    store = handle.store
+    record = record or dagster_record(handle)
     states = {key: record.round(key) for key in record.rounds()}
     recorded = [key for key, state in states.items() if state.materialized]
+    scores = {row["round"]: row for row in store.eval_history(recorded).iter_rows(named=True)}
     done = [key for key in recorded if states[key].done]
     promoted = promotion(store.eval_history(done)).round
     rows = []
     for key in recorded:
-        scores = store.read(key, "eval_scores").row(0, named=True)
-        kept = store.read(key, "filtered").height if store.has(key, "filtered") else None
+        row = scores[key]
+        policy = row["policy"]
+        temperature = store.first_value(key, "generations", "temperature")
         rows.append(
             {
                 "round": key,
-                "kept": kept,
-                "accuracy_before": scores["accuracy_before"],
-                "accuracy_after": scores["accuracy_after"],
-                "pass_at_k": scores["pass_at_k"],
-                "k": scores["k"],
-                "policy": Path(scores["policy"]).name
-                if "/" in scores["policy"]
-                else scores["policy"],
-                "temperature": float(store.read(key, "generations")["temperature"][0]),
-                "balance_score": scores.get("balance_score"),
-                "method": scores.get("method") or "star",
+                "kept": store.row_count(key, "filtered"),
+                "accuracy_before": row["accuracy_before"],
+                "accuracy_after": row["accuracy_after"],
+                "pass_at_k": row["pass_at_k"],
+                "k": row["k"],
+                "policy": Path(policy).name if "/" in policy else policy,
+                "temperature": float(temperature) if temperature is not None else float("nan"),
+                "balance_score": row.get("balance_score"),
+                "method": row.get("method") or "star",
                 "promoted": key == promoted,
                 "done": states[key].done,
                 "gates": gate_summary(states[key]),
@@ -164,20 +223,20 @@ def format_status(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_rounds(store: RoundStore, rounds: int) -> int:
-    """Materialize round_000..round_{rounds-1} through the round job (skips done rounds)."""
-    from selfimprove_dagster.definitions import build_definitions
+def run_rounds(loop: str | None, rounds: int) -> int:
+    """Materialize round_000..round_{rounds-1} of a loop through its round job (skips
+    done rounds)."""
     from selfimprove_dagster.engines.pool import POOL
 
-    defs = build_definitions()
-    preflight(defs, store)
+    handle = open_loop(loop)
+    preflight(handle)
     try:
-        return _run_rounds(defs, store, rounds)
+        return _run_rounds(handle, rounds)
     finally:
         POOL.release()  # the engine kept across steps and rounds, before interpreter exit
 
 
-def round_to_run(record, store: RoundStore, key: str) -> str | None:
+def round_to_run(record, key: str) -> str | None:
     """Why `key` must (re)run, or None when it is done and its checkpoint chain verifies
     (a re-materialized parent breaks the chain of every later round: they run again)."""
     if key not in record.rounds():
@@ -188,11 +247,11 @@ def round_to_run(record, store: RoundStore, key: str) -> str | None:
     return None
 
 
-def refuse_if_running(instance, key: str) -> None:
+def refuse_if_running(instance, handle: LoopHandle, key: str) -> None:
     """A second run of a round that is being materialized is refused."""
     from assets.record import unfinished_round_runs
 
-    running = unfinished_round_runs(instance, key)
+    running = unfinished_round_runs(instance, handle.loop, key)
     if running:
         run = running[0]
         raise SelfImproveError(
@@ -204,21 +263,22 @@ def refuse_if_running(instance, key: str) -> None:
         )
 
 
-def settings_fingerprint(defs) -> str:
-    """The fingerprint of `defs`' resource settings (`assets.record.settings_fingerprint`)."""
-    from assets.record import settings_fingerprint as fingerprint
+def settings_fingerprint(handle: LoopHandle) -> str:
+    """The fingerprint of the loop's resolved settings (`resources.settings`): what a
+    run of it launched here resolves, and records on every table it writes."""
+    from resources.settings import settings_fingerprint as fingerprint
 
-    return fingerprint(defs.resources)
+    return fingerprint(handle.resources)
 
 
-def steps_to_run(defs, record, key: str, settings: str) -> list | None:
+def steps_to_run(handle: LoopHandle, record, key: str, settings: str) -> list | None:
     """The asset keys a new run of `key` must materialize: after a failed or killed run,
     the steps whose tables are still current (same settings, built on the current
     parent, gates passed: `DagsterRecord.resume_point`) are kept and the round resumes
     at the first one that is not; None runs the whole round."""
     from assets.record import round_steps
 
-    steps = round_steps(defs.assets)
+    steps = round_steps(handle.defs.assets, handle.loop)
     start = record.resume_point(key, steps, settings)
     if start == 0 or start == len(steps):  # nothing to keep, or nothing left: run it all
         return None
@@ -227,56 +287,63 @@ def steps_to_run(defs, record, key: str, settings: str) -> list | None:
     return [asset_key for step in steps[start:] for asset_key in step.keys]
 
 
-def _run_rounds(defs, store: RoundStore, rounds: int) -> int:
-    from assets.record import ROUND_JOB, SETTINGS_TAG
+def _run_rounds(handle: LoopHandle, rounds: int) -> int:
+    from assets.loop import LOOP_TAG
 
-    job = defs.resolve_job_def(ROUND_JOB)
-    record = dagster_record(defs, store)
-    settings = settings_fingerprint(defs)
+    job = handle.defs.resolve_job_def(handle.loop.job_name)
+    partitions = handle.loop.partitions.name
+    record = dagster_record(handle)
+    settings = settings_fingerprint(handle)
     instance = record.instance
     for index in range(rounds):
         key = round_key(index)
-        why = round_to_run(record, store, key)
+        why = round_to_run(record, key)
         if why is None:
             print(f"{key}: already complete, skipping")
             continue
-        refuse_if_running(instance, key)
-        if not instance.has_dynamic_partition("rounds", key):
-            instance.add_dynamic_partitions("rounds", [key])
+        refuse_if_running(instance, handle, key)
+        if not instance.has_dynamic_partition(partitions, key):
+            instance.add_dynamic_partitions(partitions, [key])
         reason = "" if why == "not started" else f" again ({why})"
         print(f"{key}: running{reason} (Dagster run log: `make ui`)", flush=True)
-        selection = steps_to_run(defs, record, key, settings) if why != "not started" else None
+        selection = steps_to_run(handle, record, key, settings) if why != "not started" else None
         result = job.execute_in_process(
             partition_key=key,
             instance=instance,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            tags={SETTINGS_TAG: settings},
+            # The code location's repository label: the run shows in the job's Runs tab
+            # and the Overview timeline of the UI, like a run launched there.
+            tags={LOOP_TAG: handle.name, REPOSITORY_TAG: REPOSITORY_LABEL},
             asset_selection=selection,
         )
-        record = dagster_record(defs, store)  # a fresh read of what the run recorded
+        record = dagster_record(handle)  # a fresh read of what the run recorded
         if not result.success:
             print(f"{key} failed: {run_failure_message(result)}", file=sys.stderr)
             return 1
-        refresh_policy(defs, instance)
-        print(format_status([r for r in status_rows(store, record) if r["round"] == key]))
-    print("\nRounds so far:\n" + format_status(status_rows(store, record)), flush=True)
+        refresh_policy(handle, instance)
+        print(format_status([r for r in status_rows(handle, record) if r["round"] == key]))
+    print("\nRounds so far:\n" + format_status(status_rows(handle, record)), flush=True)
     return 0
 
 
-def refresh_policy(defs, instance) -> None:
-    """Materialize `promoted_policy` and `history` after a round (in the UI the
-    automation sensor does; here nothing else would)."""
-    result = defs.resolve_job_def("policy_job").execute_in_process(
-        instance=instance, raise_on_error=False
-    )
-    if not result.success:
-        print(f"promoted_policy/history failed: {run_failure_message(result)}", file=sys.stderr)
-        return
-    for event in result.get_asset_materialization_events():
-        materialization = event.step_materialization_data.materialization
-        if materialization.asset_key.to_user_string() == "promoted_policy":
-            print(f"promoted policy: {materialization.metadata['reason'].value}", flush=True)
+def refresh_policy(handle: LoopHandle, instance) -> None:
+    """Materialize the loop's `promoted_policy` and `history`, then `experiments`, after
+    a round (in the UI the automation sensors do; here nothing else would)."""
+    jobs = [handle.loop.policy_job_name]
+    if "experiments_job" in {job.name for job in handle.defs.jobs}:
+        jobs.append("experiments_job")
+    for name in jobs:
+        result = handle.defs.resolve_job_def(name).execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+        if not result.success:
+            print(f"{name} failed: {run_failure_message(result)}", file=sys.stderr)
+            continue
+        for event in result.get_asset_materialization_events():
+            materialization = event.step_materialization_data.materialization
+            if materialization.asset_key.path[-1] == "promoted_policy":
+                print(f"promoted policy: {materialization.metadata['reason'].value}", flush=True)
 
 
 # --- runs whose process died ------------------------------------------------------------
@@ -345,13 +412,13 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def preflight(defs, store: RoundStore) -> None:
+def preflight(handle: LoopHandle) -> None:
     """Fail before any run starts on a recipe that cannot work (bad dataset, unknown
     model, engine or trainer setting): one message, nothing materialized."""
     from selfimprove_dagster.engines import ENGINES
     from selfimprove_dagster.models import validate_model_ref
 
-    resources = defs.resources
+    resources, store = handle.resources, handle.store
     resources["task"].problems()
     generator, trainer = resources["generator"], resources["trainer"]
     validate_model_ref(generator.base_model, store.models_dir)
@@ -484,6 +551,22 @@ def stop_group(pgid: int, grace: float = 20.0) -> None:
     signal_group(pgid, signal.SIGKILL)
 
 
+def format_loops(defs) -> str:
+    """`selfimprove loops`: one line per loop: name, method, task, base model, data dir."""
+    from assets import loops_of
+
+    loops = loops_of(defs)
+    default = default_loop(loops) if loops else None
+    lines = [f"{'loop':<16} {'method':<18} {'task':<20} {'base model':<32} data dir"]
+    for name, info in loops.items():
+        mark = "*" if name == default else " "
+        lines.append(
+            f"{name + mark:<16} {info['method']:<18} {str(info['task'])[:20]:<20} "
+            f"{str(info['base_model'])[:32]:<32} {info['data_dir']}"
+        )
+    return "\n".join([*lines, "(* the default: commands without --loop act on it)"])
+
+
 def collect_garbage(store: RoundStore, dry_run: bool) -> str:
     """`selfimprove gc`: old versions (tables and checkpoints) and dead writers' temporary
     folders; the current version of every round is never touched."""
@@ -498,10 +581,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-dir", default=os.environ.get("SELFIMPROVE_DATA_DIR", "var"), help="data dir"
     )
-    # --data-dir also works after the command (`selfimprove run --data-dir d`).
+    # --data-dir and --loop also work after the command (`selfimprove run --loop x`).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", default=argparse.SUPPRESS, help="data dir")
+    common.add_argument(
+        "--loop", default=argparse.SUPPRESS, help="the loop (default: the demo loop)"
+    )
+    parser.add_argument("--loop", default=None, help="the loop (`selfimprove loops` lists them)")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("loops", parents=[common], help="the loops of the code location")
     run = commands.add_parser("run", parents=[common], help="materialize rounds through Dagster")
     run.add_argument("--rounds", type=int, default=3, help="rounds to have completed")
     status = commands.add_parser("status", parents=[common], help="one line per completed round")
@@ -520,24 +608,30 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     args = parser.parse_args(argv)
 
-    store = use_data_dir(args.data_dir)
+    use_data_dir(args.data_dir)
     try:
         if args.command in ("run", "status", "ui"):
             for line in mark_orphaned_runs():
                 print(f"marked failed: {line}", file=sys.stderr)
         if args.command == "run":
-            return run_rounds(store, args.rounds)
+            return run_rounds(args.loop, args.rounds)
+        if args.command == "ui":
+            return start_ui(args.port)
+        if args.command == "loops":
+            from selfimprove_dagster.definitions import build_definitions
+
+            print(format_loops(build_definitions()))
+            return 0
+        handle = open_loop(args.loop)
         if args.command == "status":
-            rows = status_rows(store)
+            rows = status_rows(handle)
             print(json.dumps(rows, indent=2) if args.json else format_status(rows))
             return 0
         if args.command == "lineage":
-            print(show_lineage(store, args.target, args.limit, args.json))
+            print(show_lineage(handle.store, args.target, args.limit, args.json))
             return 0
-        if args.command == "ui":
-            return start_ui(args.port)
         if args.command == "gc":
-            print(collect_garbage(store, args.dry_run))
+            print(collect_garbage(handle.store, args.dry_run))
             return 0
     except SelfImproveError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -96,3 +96,32 @@ def _line(axes: Axes, history: pl.DataFrame, column: str, label: str) -> bool:
         return False
     axes.plot(points["round_index"].to_list(), points[column].to_list(), marker="o", label=label)
     return True
+
+
+def render_experiments(experiments: pl.DataFrame, path: Path) -> Path:
+    """Held-out accuracy after each round, one line per loop (round 0's starting
+    accuracy at x = -1, so every line starts from its base model)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(8.0, 4.5), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    frame = _with_round_index(experiments)
+    for (loop,), rows in frame.sort("round_index").group_by("loop", maintain_order=True):
+        x = [-1, *rows["round_index"].to_list()]
+        y = [rows["accuracy_before"][0], *rows["accuracy_after"].to_list()]
+        axes.plot(x, y, marker="o", label=str(loop))
+    axes.set_title("Held-out accuracy per round, per loop")
+    axes.set_xlabel("round (-1: the base model)")
+    axes.set_ylim(-0.02, 1.02)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if frame.height:
+        axes.legend(loc="best", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    figure.savefig(partial, format="png")
+    os.replace(partial, path)
+    return path

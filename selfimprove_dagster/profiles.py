@@ -119,6 +119,18 @@ class Profile:
             and not env.get(f"{ENV_PREFIX}{resource.upper()}_{name.upper()}")
         }
 
+    def executor_config_for(self, loops: list[str]) -> dict[str, Any]:
+        """The k8s executor's config for a code location of `loops`: each per-step entry
+        (keyed by a round step, e.g. `checkpoint`) for every loop's op of that step
+        (`<loop>_checkpoint`)."""
+        config = dict(self.k8s_executor_config)
+        per_step = config.pop("per_step_k8s_config", {})
+        if per_step:
+            config["per_step_k8s_config"] = {
+                f"{loop}_{step}": value for loop in loops for step, value in per_step.items()
+            }
+        return config
+
     def k8s_op_tags(self, asset_name: str) -> dict[str, Any]:
         """Op tags requesting this asset's pod resources (for `@dg.asset(op_tags=...)`)."""
         if self.executor != "k8s":

@@ -124,5 +124,128 @@ def cli_store(tmp_path, monkeypatch) -> StubStore:
     home.mkdir(parents=True)
     cli.write_instance_config(home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setattr(cli, "status_rows", lambda store, record=None: [])
+    monkeypatch.setattr(cli, "status_rows", lambda handle, record=None: [])
     return stub
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray cluster on this machine: a head and one worker node, 1 CPU each, on
+    loopback without token auth, this process connected to it (tests/test_ray_pool.py).
+    Started once (~10 s); its /tmp/ray session folders are removed afterwards."""
+    import glob
+    import os
+    import shutil
+
+    ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 turns token auth on for new clusters
+    # Keep 127.0.0.1: otherwise Ray swaps a loopback address for the node's own IP.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    saved_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    before = set(glob.glob("/tmp/ray/session_*"))
+    had_current = Path("/tmp/ray/ray_current_cluster").exists()
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for session in set(glob.glob("/tmp/ray/session_*")) - before:
+            shutil.rmtree(session, ignore_errors=True)
+        latest = Path("/tmp/ray/session_latest")
+        if latest.is_symlink() and not latest.exists():
+            latest.unlink()
+        if not had_current:  # the address file of the cluster that is gone now
+            Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)
+
+
+# --- one loop's definitions for tests ------------------------------------------------
+
+TEST_LOOP = "t"  # the loop name tests build their rounds under
+
+
+def loop_definitions(resources: dict, name: str = TEST_LOOP, extra_assets=(), checks=True):
+    """A loop's Dagster definitions (`assets.build_loop`) from test resources by group;
+    groups left out get their defaults. Returns (definitions, loop)."""
+    import dagster as dg
+
+    from assets import Loop, LoopSpec, build_loop
+    from resources.settings import GROUPS
+
+    spec = LoopSpec(name, {group: resources.get(group) or cls() for group, cls in GROUPS.items()})
+    defs = build_loop(spec)
+    if extra_assets:
+        defs = dg.Definitions.merge(defs, dg.Definitions(assets=list(extra_assets)))
+    return defs, Loop.of(spec)
+
+
+def materialize_round(resources: dict, key: str, instance, name: str = TEST_LOOP, **run):
+    """Run one round of a test loop through its round job (checks included)."""
+    defs, loop = loop_definitions(resources, name)
+    if not instance.has_dynamic_partition(loop.partitions.name, key):
+        instance.add_dynamic_partitions(loop.partitions.name, [key])
+    job = defs.resolve_job_def(loop.job_name)
+    return job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, **run)
+
+
+def node(table: str, name: str = TEST_LOOP) -> str:
+    """The op (node) name of a loop's step: `<loop>_<step>`."""
+    return f"{name}_{table}"
+
+
+def materialize_steps(resources: dict, key: str, instance, steps, name: str = TEST_LOOP):
+    """Materialize some steps of a test loop's round (e.g. ("prompts",)) with their
+    checks, through `dg.materialize`."""
+    import dagster as dg
+
+    defs, loop = loop_definitions(resources, name)
+    if not instance.has_dynamic_partition(loop.partitions.name, key):
+        instance.add_dynamic_partitions(loop.partitions.name, [key])
+    wanted = {node(step, name) for step in steps}
+    assets = [a for a in defs.assets if getattr(a, "node_def", None) and a.node_def.name in wanted]
+    keys = {spec.key for a in assets for spec in a.specs}
+    checks = [c for c in defs.asset_checks if {k.asset_key for k in c.check_keys} <= keys]
+    return dg.materialize(
+        [*assets, *checks],
+        partition_key=key,
+        instance=instance,
+        resources=loop.resources(),
+        raise_on_error=False,
+    )
+
+
+def stand_in_loop(store: RoundStore, name: str = TEST_LOOP, **groups):
+    """A loop over the stub `store` (other groups: defaults, or `groups`), for tests of
+    sensors, policy assets and the CLI over stand-in steps."""
+    from assets import Loop, LoopSpec
+    from resources.settings import GROUPS
+
+    resources = {group: groups.get(group) or cls() for group, cls in GROUPS.items()}
+    resources["storage"] = StubStorageResource(data_dir=str(store.data_dir))
+    return Loop.of(LoopSpec(name, resources))
+
+
+def loop_handle(defs, store: RoundStore, name: str = TEST_LOOP):
+    """The CLI's handle on a stand-in loop of `defs`."""
+    from assets import Loop
+    from resources.settings import GROUPS
+    from selfimprove_dagster.cli import LoopHandle
+
+    loop = Loop(name)
+    resources = {g: defs.resources[loop.resource_key(g)] for g in GROUPS}
+    return LoopHandle(defs, loop, resources, store)

@@ -7,9 +7,8 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets import POLICY_ASSETS, ROUND_ASSETS, ROUND_CHECKS
-from assets.checks import RL_ONLY_CHECKS
-from assets.rounds import critiques
+from assets.checks import GATES, RL_ONLY_CHECKS
+from assets.critique import critiques_asset
 from resources import (
     EvolutionResource,
     GatesResource,
@@ -20,7 +19,7 @@ from resources import (
     TrainerResource,
 )
 from selfimprove_dagster.store.storage import RoundStore
-from tests.conftest import ScriptedEngine
+from tests.conftest import ScriptedEngine, loop_definitions, materialize_round, node
 
 
 class ScriptedGenerator(GeneratorResource):
@@ -55,15 +54,7 @@ def _resources(data_dir, tiny_model, task=None, method=None, **generator):
 
 
 def _materialize(key, resources, instance):
-    if not instance.has_dynamic_partition("rounds", key):
-        instance.add_dynamic_partitions("rounds", [key])
-    return dg.materialize(
-        [*ROUND_ASSETS, *ROUND_CHECKS],
-        partition_key=key,
-        instance=instance,
-        resources=resources,
-        raise_on_error=False,
-    )
+    return materialize_round(resources, key, instance)
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +85,16 @@ def test_two_rounds_materialize_every_asset(two_rounds):
 
 def test_round_metadata_records_policy_and_rates(two_rounds):
     store, results, _ = two_rounds
-    generations = results[1].asset_materializations_for_node("generations")[0].metadata
+    generations = results[1].asset_materializations_for_node(node("generations"))[0].metadata
     assert generations["policy_checkpoint"].value == store.checkpoint_ref("round_000")
     assert generations["parent_round"].value == "round_000"
     assert generations["dagster/row_count"].value == 16  # 8 train prompts x 2 samples
-    filtered = results[0].asset_materializations_for_node("filtered")[0].metadata
+    filtered = results[0].asset_materializations_for_node(node("filtered"))[0].metadata
     assert filtered["dagster/row_count"].value == 4  # sample 0 of every other prompt
     scores = next(
         m.metadata
-        for m in results[1].asset_materializations_for_node("eval_scores")
-        if m.asset_key == dg.AssetKey("eval_scores")
+        for m in results[1].asset_materializations_for_node(node("eval_scores"))
+        if m.asset_key == dg.AssetKey(["t", "eval_scores"])
     )
     assert scores["accuracy_after"].value == pytest.approx(0.5)  # the scripted engine's rate
     assert scores["accuracy_before"].value == pytest.approx(0.5)  # read from round_000
@@ -141,7 +132,7 @@ def test_round_without_previous_checkpoint_fails_and_runs_nothing_downstream(tin
     result = _materialize("round_003", _resources(tmp_path, tiny_model), instance)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
-    assert failure.step_key == "generations"
+    assert failure.step_key == node("generations")
     assert "round_002 has no checkpoint" in str(failure.step_failure_data.error.to_string())
     assert not RoundStore(tmp_path).has("round_003", "critiques")
 
@@ -164,15 +155,14 @@ def test_empty_filtered_set_is_blocked_before_training(tiny_model, tmp_path):
 
 def test_critiques_asset_called_directly(two_rounds):
     store, _, _ = two_rounds
-    context = dg.build_asset_context(partition_key="round_000")
-    results = critiques(
-        context=context,
-        storage=StorageResource(data_dir=str(store.data_dir)),
-        generator=GeneratorResource(),  # star's verifier needs no model: never loaded
-        method=MethodResource(),
+    _, loop = loop_definitions({"storage": StorageResource(data_dir=str(store.data_dir))})
+    context = dg.build_asset_context(
+        partition_key="round_000",
+        resources={loop.resource_key(g): r for g, r in loop.spec.resources.items()},
     )
-    (result,) = list(results)  # star writes no refinements: one table, one result
-    assert result.asset_key == dg.AssetKey("critiques")
+    # star's verifier needs no model: the generator is never loaded.
+    (result,) = list(critiques_asset(loop)(context))  # no refinements: one result
+    assert result.asset_key == dg.AssetKey(["t", "critiques"])
     assert result.metadata["dagster/row_count"] == 16
     assert result.metadata["accept_rate"] == pytest.approx(0.25)
 
@@ -181,7 +171,7 @@ def test_every_gate_passes_on_a_clean_round(two_rounds):
     _, results, _ = two_rounds
     for result in results:
         evaluations = result.get_asset_check_evaluations()
-        assert len(evaluations) == len(ROUND_CHECKS) - len(RL_ONLY_CHECKS)
+        assert len(evaluations) == len(GATES) - len(RL_ONLY_CHECKS)
         failed = [(e.check_name, e.description) for e in evaluations if not e.passed]
         assert failed == []
 
@@ -304,8 +294,8 @@ def test_auto_temperature_measures_the_grid_and_sets_the_next_round(tiny_model, 
 
 def test_promoted_policy_record_points_at_the_best_round(two_rounds):
     store, _, instance = two_rounds
-    storage = StorageResource(data_dir=str(store.data_dir))
-    assert dg.materialize(POLICY_ASSETS, instance=instance, resources={"storage": storage}).success
+    defs, loop = loop_definitions({"storage": StorageResource(data_dir=str(store.data_dir))})
+    assert defs.resolve_job_def(loop.policy_job_name).execute_in_process(instance=instance).success
     with duckdb.connect(str(store.catalog_path), read_only=True) as con:
         promoted = con.execute("SELECT round, checkpoint FROM promoted_policy").fetchall()
     # Both rounds score 50% (the scripted engine): a tie goes to the earliest round.
@@ -315,7 +305,7 @@ def test_promoted_policy_record_points_at_the_best_round(two_rounds):
 def test_every_table_is_an_asset_with_its_schema_view_location_and_data_version(two_rounds):
     store, results, _ = two_rounds
     events = {
-        m.asset_key.to_user_string(): m
+        m.asset_key.path[-1]: m
         for m in (e.materialization for e in results[1].get_asset_materialization_events())
     }
     for table in ("prompts", "prompt_mix", "generations", "critiques", "filtered"):

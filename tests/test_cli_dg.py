@@ -40,10 +40,20 @@ def test_dg_check_defs_loads_the_definitions():
     assert "All definitions loaded successfully" in out.stdout + out.stderr
 
 
-def test_dg_list_defs_shows_the_round_and_policy_assets():
+def test_dg_list_defs_shows_both_loops_and_the_comparison():
     out = dg("list", "defs", "--json")
     assert out.returncode == 0, out.stderr
     listed = json.loads(out.stdout)
     assets = {asset["asset_key"] for asset in listed["assets"]}
-    assert {"prompts", "eval_scores", "promoted_policy", "history"} <= assets
-    assert {job["name"] for job in listed["jobs"]} >= {"round_job", "policy_job"}
+    for loop in ("demo", "add2_grpo"):
+        tables = {"prompts", "eval_scores", "promoted_policy", "history"}
+        assert {f"{loop}/{table}" for table in tables} <= assets
+        jobs = {job["name"] for job in listed["jobs"]}
+        assert {f"{loop}_round_job", f"{loop}_policy_job"} <= jobs
+    assert "experiments" in assets
+
+
+def test_dg_list_components_shows_the_loop_component():
+    out = dg("list", "components")
+    assert out.returncode == 0, out.stderr
+    assert "selfimprove_dagster.components.SelfImproveLoop" in out.stdout

@@ -8,22 +8,21 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets.partitions import ROUNDS
-from assets.policy import POLICY_ASSETS, policy_job
-from resources import StorageResource
+from assets.loop import Loop
+from assets.policy import policy_definitions
 from selfimprove_dagster import cli
 from selfimprove_dagster.errors import SelfImproveError
-from tests.conftest import StubStorageResource, StubStore
+from tests.conftest import StubStore, loop_handle, stand_in_loop
 
 GATE = "check_no_regression_eval_scores"
 ACCURACY = {"round_000": (0.1, 0.5), "round_001": (0.5, 0.7), "round_002": (0.7, 0.4)}
+LOOP = Loop("t")
+ROUNDS = LOOP.partitions
 
 
-@dg.asset(partitions_def=ROUNDS, name="eval_scores")
-def stand_in_eval_scores(
-    context: dg.AssetExecutionContext, storage: StorageResource
-) -> dg.MaterializeResult:
-    store, round_ = storage.store(), context.partition_key
+@dg.asset(partitions_def=ROUNDS, key=LOOP.key("eval_scores"), required_resource_keys={"t_storage"})
+def stand_in_eval_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    store, round_ = context.resources.t_storage.store(), context.partition_key
     before, after = ACCURACY[round_]
     row = {"round": round_, "checkpoint": round_, "accuracy_before": before}
     store.write(round_, "eval_scores", pl.DataFrame([{**row, "accuracy_after": after}]))
@@ -39,7 +38,7 @@ def stand_in_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult
 
 
 round_job = dg.define_asset_job(
-    "round_job", selection=[stand_in_eval_scores], partitions_def=ROUNDS
+    LOOP.job_name, selection=[stand_in_eval_scores], partitions_def=ROUNDS
 )
 
 
@@ -50,73 +49,80 @@ def store(cli_store) -> StubStore:
 
 @pytest.fixture
 def defs(store) -> dg.Definitions:
+    loop = stand_in_loop(store)
+    policy, policy_job, _ = policy_definitions(loop, [stand_in_eval_scores], [stand_in_gate])
     return dg.Definitions(
-        assets=[stand_in_eval_scores, *POLICY_ASSETS],
+        assets=[stand_in_eval_scores, *policy],
         asset_checks=[stand_in_gate],
         jobs=[round_job, policy_job],
-        resources={"storage": StubStorageResource(data_dir=str(store.data_dir))},
+        resources=loop.resources(),
     )
 
 
-def materializations(key: str) -> int:
+@pytest.fixture
+def handle(defs, store) -> cli.LoopHandle:
+    return loop_handle(defs, store)
+
+
+def materializations(table: str) -> int:
     instance = dg.DagsterInstance.get()
-    return len(instance.fetch_materializations(dg.AssetKey(key), limit=100).records)
+    return len(instance.fetch_materializations(LOOP.key(table), limit=100).records)
 
 
-def test_a_round_whose_file_exists_but_was_never_recorded_is_run(defs, store, capsys):
+def test_a_round_whose_file_exists_but_was_never_recorded_is_run(handle, store, capsys):
     # Planted: round_000's row is on disk (a file left by a run that died).
     store.write("round_000", "eval_scores", pl.DataFrame([{"round": "round_000"}]))
-    assert cli._run_rounds(defs, store, 1) == 0
+    assert cli._run_rounds(handle, 1) == 0
     out = capsys.readouterr().out
     assert "round_000: running (" in out
     assert "promoted policy: round_000 has the best held-out accuracy 50.0%" in out
     assert materializations("promoted_policy") == materializations("history") == 1
 
-    assert cli._run_rounds(defs, store, 1) == 0  # done now, as recorded
+    assert cli._run_rounds(handle, 1) == 0  # done now, as recorded
     assert "round_000: already complete, skipping" in capsys.readouterr().out
 
 
 @pytest.fixture
 def no_policy_refresh(monkeypatch):
     """The policy assets draw a matplotlib plot (seconds): off where not under test."""
-    monkeypatch.setattr(cli, "refresh_policy", lambda defs, instance: None)
+    monkeypatch.setattr(cli, "refresh_policy", lambda handle, instance: None)
 
 
 @pytest.mark.usefixtures("no_policy_refresh")
-def test_a_round_whose_gate_failed_is_not_done(defs, store, capsys, monkeypatch):
+def test_a_round_whose_gate_failed_is_not_done(handle, store, capsys, monkeypatch):
     monkeypatch.setitem(ACCURACY, "round_000", (0.5, 0.2))  # planted: a regression
-    assert cli._run_rounds(defs, store, 1) == 1  # its blocking gate fails
+    assert cli._run_rounds(handle, 1) == 1  # its blocking gate fails
     err = capsys.readouterr().err
     assert "round_000 failed: gate check_no_regression_eval_scores failed" in err
-    assert cli._run_rounds(defs, store, 1) == 1  # not skipped as "complete" next time
+    assert cli._run_rounds(handle, 1) == 1  # not skipped as "complete" next time
     out = capsys.readouterr().out
     assert "round_000: running again (a blocking gate failed in round_000: " in out
 
 
 @pytest.mark.usefixtures("no_policy_refresh")
-def test_a_done_round_whose_chain_broke_runs_again(defs, store, capsys):
-    assert cli._run_rounds(defs, store, 1) == 0
+def test_a_done_round_whose_chain_broke_runs_again(handle, store, capsys):
+    assert cli._run_rounds(handle, 1) == 0
     store.broken["round_000"] = "its base model changed since it was trained"
     # Status, promotion, policy=best and the sensor read the same "done": not done now.
-    state = cli.dagster_record(defs, store).round("round_000")
+    state = cli.dagster_record(handle).round("round_000")
     assert not state.done
     assert cli.gate_summary(state) == "stale: its base model changed since it was trained"
     capsys.readouterr()
-    assert cli._run_rounds(defs, store, 1) == 0
+    assert cli._run_rounds(handle, 1) == 0
     out = capsys.readouterr().out
     assert "round_000: running again (its base model changed since it was trained)" in out
 
 
-def test_a_second_run_of_a_materializing_round_is_refused(defs, store):
+def test_a_second_run_of_a_materializing_round_is_refused(handle, defs, store):
     instance = dg.DagsterInstance.get()
     instance.add_dynamic_partitions(ROUNDS.name, ["round_000"])
     run = instance.create_run_for_job(
-        job_def=defs.resolve_job_def("round_job"),
+        job_def=defs.resolve_job_def(LOOP.job_name),
         status=dg.DagsterRunStatus.STARTED,
         tags={"dagster/partition": "round_000"},
     )
     with pytest.raises(SelfImproveError) as error:
-        cli._run_rounds(defs, store, 1)
+        cli._run_rounds(handle, 1)
     assert str(error.value).startswith(
         f"round_000 is already being materialized by run {run.run_id[:8]} (STARTED)"
     )
@@ -125,11 +131,11 @@ def test_a_second_run_of_a_materializing_round_is_refused(defs, store):
 # --- order and concurrency (issue 12.6) -----------------------------------------------
 
 
-@dg.asset(partitions_def=ROUNDS, name="prompts")
+@dg.asset(partitions_def=ROUNDS, key=LOOP.key("prompts"), required_resource_keys={"t_storage"})
 def stand_in_first_step(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    from assets.sensors import check_round_order
+    from assets.record import check_round_order
 
-    check_round_order(context)  # what the real `prompts` does first
+    check_round_order(LOOP.step(context))  # what the real `prompts` does first
     return dg.MaterializeResult()
 
 
@@ -137,9 +143,10 @@ def test_a_backfilled_round_refuses_to_start_before_its_parent_is_done(store):
     instance = dg.DagsterInstance.get()
     instance.add_dynamic_partitions(ROUNDS.name, ["round_000", "round_001"])
     job = dg.define_asset_job("first_step", selection=[stand_in_first_step], partitions_def=ROUNDS)
-    resolved = dg.Definitions(assets=[stand_in_first_step], jobs=[job]).resolve_job_def(
-        "first_step"
-    )
+    resources = stand_in_loop(store).resources()
+    resolved = dg.Definitions(
+        assets=[stand_in_first_step], jobs=[job], resources=resources
+    ).resolve_job_def("first_step")
     result = resolved.execute_in_process(
         instance=instance,
         partition_key="round_001",
@@ -151,17 +158,19 @@ def test_a_backfilled_round_refuses_to_start_before_its_parent_is_done(store):
         "selfimprove_dagster.errors.SelfImproveError: Backfill bkfl0001 reached round_001 but "
         "its parent round_000 is not done (round_000 has no recorded eval_scores "
         "materialization). Fix: fix and re-run round_000 first, then backfill from round_001; "
-        "or run `selfimprove run --rounds 2`, which runs rounds in order"
+        "or run `selfimprove run --loop t --rounds 2`, which runs rounds in order"
     )
     # Outside a backfill (a person launching one round), no order is imposed here.
     assert resolved.execute_in_process(instance=instance, partition_key="round_001").success
 
 
 def test_every_model_loading_step_is_in_the_model_pool():
-    from assets import ROUND_ASSETS
+    from assets.rounds import round_assets
     from selfimprove_dagster.profiles import MODEL_POOL
+    from tests.conftest import loop_definitions
 
-    pools = {asset.op.name: asset.op.pool for asset in ROUND_ASSETS}
+    _, loop = loop_definitions({})
+    pools = {asset.op.name.removeprefix("t_"): asset.op.pool for asset in round_assets(loop)}
     loading = ["prompts", "generations", "critiques", "checkpoint", "eval_scores"]
     assert {name: pools[name] for name in loading} == dict.fromkeys(loading, MODEL_POOL)
     assert pools["filtered"] is None  # Parquet only: never waits for a model

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
+
+import dagster as dg
 
 from tests.conftest import REPO
 
 
-def test_definitions_load_with_six_round_assets_checks_and_job():
-    from selfimprove_dagster.definitions import defs
+def test_definitions_load_two_loops_each_with_six_steps_checks_and_job():
+    from selfimprove_dagster.definitions import build_definitions
 
-    job = defs.resolve_job_def("round_job")
-    assert job.partitions_def.name == "rounds"
+    defs = build_definitions()
+    for loop in ("demo", "add2_grpo"):
+        job = defs.resolve_job_def(f"{loop}_round_job")
+        assert job.partitions_def.name == f"{loop}_rounds"
     graph = defs.resolve_asset_graph()
-    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    keys = {k.path[-1] for k in graph.get_all_asset_keys() if k.path[0] == "demo"}
     steps = {"prompts", "generations", "critiques", "filtered", "checkpoint", "eval_scores"}
     tables = {  # every Parquet table a step writes is an asset of its own
         "prompt_mix", "prompt_candidates", "curriculum_measure", "refinements",
         "checkpoints", "rollouts", "rl_steps", "eval_details",
     }  # fmt: skip
     assert keys - {"promoted_policy", "history"} == steps | tables
+    assert dg.AssetKey("experiments") in graph.get_all_asset_keys()
     assert {k.name for k in graph.asset_check_keys} >= {
         "check_min_rows_filtered",
         "check_unique_generation_id_filtered",
@@ -46,7 +50,8 @@ def _core_modules() -> list[str]:
     names = [
         m.name for m in pkgutil.walk_packages(selfimprove_dagster.__path__, "selfimprove_dagster.")
     ]
-    return [n for n in names if n != "selfimprove_dagster.definitions"]
+    entry_points = ("definitions", "cli", "components", "defs")
+    return [n for n in names if n.split(".")[1] not in entry_points]
 
 
 def test_core_import_loads_neither_torch_nor_dagster():
@@ -59,71 +64,46 @@ def test_core_import_loads_neither_torch_nor_dagster():
     assert out.stdout.strip() == "[]"
 
 
-def _imports_of(path: Path, package: str) -> set[str]:
-    """Project modules `path` imports at module level (not inside functions)."""
-    import ast
-
-    tree = ast.parse(path.read_text())
-    found: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for alias in node.names:
-                found.add(f"{node.module}.{alias.name}")
-                found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-    return {name for name in found if name.split(".")[0] in {package, "assets", "resources"}}
-
-
-def test_core_imports_go_down_only_and_have_no_cycles():
-    """The core never imports the Dagster layers (assets, resources), and its module-level
-    imports form no cycle (a stage package never needs a module that needs it back)."""
-    core = set(_core_modules())
-    graph: dict[str, set[str]] = {}
-    for name in core:
-        path = REPO / (name.replace(".", "/") + ".py")
-        if not path.is_file():
-            path = REPO / name.replace(".", "/") / "__init__.py"
-        imported = _imports_of(path, "selfimprove_dagster")
-        upward = {i for i in imported if i.split(".")[0] in {"assets", "resources"}}
-        assert not upward, f"{name} imports the Dagster layers: {upward}"
-        graph[name] = {i for i in imported if i in core and i != name}
-
-    def visit(node: str, stack: list[str], done: set[str]) -> None:
-        assert node not in stack, f"import cycle: {' -> '.join([*stack, node])}"
-        if node in done:
-            return
-        for nxt in graph.get(node, ()):
-            visit(nxt, [*stack, node], done)
-        done.add(node)
-
-    done: set[str] = set()
-    for name in sorted(graph):
-        visit(name, [], done)
-
-
-def test_env_overrides_reach_resources(monkeypatch):
-    from resources import TaskResource, from_env
+def test_env_overrides_reach_the_default_loop_only(monkeypatch):
+    """SELFIMPROVE_* variables keep working for the demo loop (env_prefix); the other
+    loop's settings are its own."""
+    from selfimprove_dagster.definitions import build_definitions
 
     monkeypatch.setenv("SELFIMPROVE_N_TRAIN", "17")
     monkeypatch.setenv("SELFIMPROVE_TASK", "word_problems")
-    task = from_env(TaskResource)
-    assert (task.n_train, task.task, task.n_eval) == (17, "word_problems", 200)
+    resources = build_definitions().resources
+    demo, other = resources["demo_task"], resources["add2_grpo_task"]
+    assert (demo.n_train, demo.task, demo.n_eval) == (17, "word_problems", 200)
+    assert (other.n_train, other.task) == (200, "addition_2digit")
 
 
-def test_env_override_of_the_wrong_type_names_the_variable(monkeypatch):
+def test_env_override_of_the_wrong_type_names_the_variable_and_the_loop(monkeypatch):
     import pytest
 
-    from resources import TaskResource, from_env
+    from resources.settings import resolve_settings
     from selfimprove_dagster.errors import SelfImproveError
 
-    monkeypatch.setenv("SELFIMPROVE_N_TRAIN", "many")
-    with pytest.raises(SelfImproveError, match="SELFIMPROVE_N_TRAIN='many'"):
-        from_env(TaskResource)
+    environ = {"SELFIMPROVE_N_TRAIN": "many"}
+    expected = "loop `demo`: SELFIMPROVE_N_TRAIN='many' \\(sets task.n_train"
+    with pytest.raises(SelfImproveError, match=expected):
+        resolve_settings("demo", {}, "SELFIMPROVE_", environ)
 
 
-def test_env_override_of_a_list_field(monkeypatch):
-    from resources import EvolutionResource, from_env
+def test_env_override_of_a_list_field():
+    from resources.settings import resolve_settings
 
-    monkeypatch.setenv("SELFIMPROVE_TEMPERATURE_GRID", "0.5,0.7")
-    assert from_env(EvolutionResource).temperature_grid == [0.5, 0.7]
+    environ = {"SELFIMPROVE_TEMPERATURE_GRID": "0.5,0.7"}
+    evolution = resolve_settings("demo", {}, "SELFIMPROVE_", environ)["evolution"]
+    assert evolution.temperature_grid == [0.5, 0.7]
+
+
+def test_yaml_beats_the_environment_and_the_environment_beats_the_profile():
+    from resources.settings import resolve_settings
+
+    environ = {"SELFIMPROVE_N_TRAIN": "17", "SELFIMPROVE_ENGINE": "openai"}
+    profile = {"generator": {"engine": "vllm", "batch_size": 256}}
+    resolved = resolve_settings("demo", {"task": {"n_train": 9}}, "SELFIMPROVE_", environ, profile)
+    assert resolved["task"].n_train == 9  # YAML
+    assert resolved["generator"].engine == "openai"  # environment over the profile
+    assert resolved["generator"].batch_size == 256  # the profile over the default
+    assert resolved["storage"].data_dir == "var/loops/demo"  # no data dir of its own

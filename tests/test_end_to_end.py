@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import polars as pl
 import pytest
 
 from selfimprove_dagster import cli
@@ -37,7 +38,7 @@ def test_two_real_rounds_from_the_cli(models_dir, tmp_path, monkeypatch, capsys)
     assert "round_000" in out and "round_001" in out and "acc after" in out
 
     store = RoundStore(data_dir)
-    assert cli.dagster_record().done_rounds() == ["round_000", "round_001"]
+    assert cli.dagster_record(cli.open_loop()).done_rounds() == ["round_000", "round_001"]
     manifest = json.loads((store.checkpoint_dir("round_001") / "manifest.json").read_text())
     assert manifest["trained_from"] == "../round_000"  # continues from the round's policy
     assert manifest["base_model"] == "embedded:smollm2-135m-instruct"
@@ -74,9 +75,13 @@ def test_two_real_rounds_from_the_cli(models_dir, tmp_path, monkeypatch, capsys)
     import dagster as dg
 
     instance = dg.DagsterInstance.get()
-    assert instance.get_dynamic_partitions("rounds") == ["round_000", "round_001"]
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name="round_job"))
+    assert instance.get_dynamic_partitions("demo_rounds") == ["round_000", "round_001"]
+    assert instance.get_dynamic_partitions("add2_grpo_rounds") == []  # another loop's
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name="demo_round_job"))
     assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+    # The comparison across loops was rebuilt after each round.
+    experiments = pl.read_parquet(data_dir / "experiments.parquet")
+    assert experiments.filter(loop="demo")["round"].to_list() == ["round_000", "round_001"]
 
 
 def test_round_one_alone_is_refused_with_the_fix(models_dir, tmp_path, monkeypatch, capsys):
@@ -87,12 +92,12 @@ def test_round_one_alone_is_refused_with_the_fix(models_dir, tmp_path, monkeypat
     store = cli.use_data_dir(str(data_dir))
     import dagster as dg
 
-    dg.DagsterInstance.get().add_dynamic_partitions("rounds", ["round_001"])
+    dg.DagsterInstance.get().add_dynamic_partitions("demo_rounds", ["round_001"])
     from selfimprove_dagster.definitions import build_definitions
 
     result = (
         build_definitions()
-        .resolve_job_def("round_job")
+        .resolve_job_def("demo_round_job")
         .execute_in_process(
             partition_key="round_001", instance=dg.DagsterInstance.get(), raise_on_error=False
         )

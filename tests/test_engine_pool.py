@@ -5,8 +5,6 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-import assets.rounds
-from assets import ROUND_ASSETS, ROUND_CHECKS
 from resources import (
     EvolutionResource,
     GatesResource,
@@ -20,7 +18,7 @@ from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.engines.pool import POOL, EnginePool, LentEngine
 from selfimprove_dagster.methods import checkpoint as checkpoint_step
 from selfimprove_dagster.store.storage import RoundStore
-from tests.conftest import ScriptedEngine
+from tests.conftest import ScriptedEngine, materialize_round, materialize_steps
 
 
 class CountedEngine(ScriptedEngine):
@@ -143,13 +141,7 @@ def test_two_rounds_start_fewer_engines_and_train_with_none_alive(
     instance = dg.DagsterInstance.ephemeral()
     try:
         for key in ("round_000", "round_001"):
-            instance.add_dynamic_partitions("rounds", [key])
-            result = dg.materialize(
-                [*ROUND_ASSETS, *ROUND_CHECKS],
-                partition_key=key,
-                instance=instance,
-                resources=resources,
-            )
+            result = materialize_round(resources, key, instance)
             assert result.success
             # What the next round generates with is what stays loaded.
             assert POOL.engine is not None and POOL.engine.model_ref.endswith(key)
@@ -175,21 +167,10 @@ def test_keeping_the_transformers_engine_does_not_change_a_rounds_samples(
         generator = GeneratorResource(base_model=tiny_model, samples_per_prompt=2, keep_engine=keep)
         resources = round_resources(data_dir, generator, n_train=6)
         instance = dg.DagsterInstance.ephemeral()
-        instance.add_dynamic_partitions("rounds", ["round_000"])
         try:
             # Sampling twice: the second pass runs on the kept engine, or on a fresh one.
-            dg.materialize(
-                [assets.rounds.prompts, assets.rounds.generations],
-                partition_key="round_000",
-                instance=instance,
-                resources=resources,
-            )
-            dg.materialize(
-                [assets.rounds.generations],
-                partition_key="round_000",
-                instance=instance,
-                resources=resources,
-            )
+            materialize_steps(resources, "round_000", instance, ["prompts", "generations"])
+            materialize_steps(resources, "round_000", instance, ["generations"])
         finally:
             POOL.release()
         completions[keep] = RoundStore(data_dir).read("round_000", "generations")["completion"]

@@ -388,7 +388,7 @@ def test_use_vllm_without_vllm_names_the_extra(tiny_model, models_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def grpo_round(tiny_model, models_dir, tmp_path_factory):
-    from assets import ROUND_ASSETS, ROUND_CHECKS
+    from assets.checks import GATES
     from resources import (
         EvolutionResource,
         GatesResource,
@@ -398,6 +398,7 @@ def grpo_round(tiny_model, models_dir, tmp_path_factory):
         TrainerResource,
     )
     from selfimprove_dagster.store.storage import RoundStore
+    from tests.conftest import materialize_round
     from tests.test_method_assets import MethodGenerator
 
     data_dir = tmp_path_factory.mktemp("grpo")
@@ -418,16 +419,8 @@ def grpo_round(tiny_model, models_dir, tmp_path_factory):
         "evolution": EvolutionResource(),
         "method": MethodResource(method="grpo"),
     }
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("rounds", ["round_000"])
-    result = dg.materialize(
-        [*ROUND_ASSETS, *ROUND_CHECKS],
-        partition_key="round_000",
-        instance=instance,
-        resources=resources,
-        raise_on_error=False,
-    )
-    return RoundStore(data_dir), result, len(ROUND_CHECKS)
+    result = materialize_round(resources, "round_000", dg.DagsterInstance.ephemeral())
+    return RoundStore(data_dir), result, len(GATES)
 
 
 def test_a_grpo_round_passes_every_gate_and_records_its_rollouts(grpo_round):

@@ -10,8 +10,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets import ROUND_ASSETS, ROUND_CHECKS
-from assets.checks import RL_ONLY_CHECKS
+from assets.checks import GATES, RL_ONLY_CHECKS
 from resources import (
     EvolutionResource,
     GatesResource,
@@ -23,7 +22,7 @@ from resources import (
 )
 from selfimprove_dagster.engines.base import Completion
 from selfimprove_dagster.store.storage import RoundStore
-from tests.conftest import ScriptedEngine
+from tests.conftest import ScriptedEngine, materialize_round, node
 
 _QUESTION = re.compile(r"What is (\d+) \+ (\d+)")
 
@@ -76,16 +75,7 @@ def _run_two_rounds(tiny_model, models_dir, data_dir, **method):
     instance = dg.DagsterInstance.ephemeral()
     results = []
     for key in ("round_000", "round_001"):
-        instance.add_dynamic_partitions("rounds", [key])
-        results.append(
-            dg.materialize(
-                [*ROUND_ASSETS, *ROUND_CHECKS],
-                partition_key=key,
-                instance=instance,
-                resources=resources,
-                raise_on_error=False,
-            )
-        )
+        results.append(materialize_round(resources, key, instance))
     return RoundStore(data_dir), results
 
 
@@ -94,7 +84,7 @@ def _assert_clean(results):
         assert result.success
         failed = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
         assert failed == []
-        assert len(result.get_asset_check_evaluations()) == len(ROUND_CHECKS) - len(RL_ONLY_CHECKS)
+        assert len(result.get_asset_check_evaluations()) == len(GATES) - len(RL_ONLY_CHECKS)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +140,7 @@ def test_self_judge_trains_dpo_on_pairs_and_the_checkpoint_generates(self_judge_
     assert scores["method"] == "self_judge"
     assert scores["judge_accuracy"] == 1.0 and scores["pair_accuracy"] == 1.0
     assert scores["pairs"] == 4 and scores["judge_unparseable_rate"] == 0.0
-    metadata = results[0].asset_materializations_for_node("checkpoint")[0].metadata
+    metadata = results[0].asset_materializations_for_node(node("checkpoint"))[0].metadata
     assert metadata["objective"].value == "dpo"
 
 
@@ -196,7 +186,7 @@ def test_an_unknown_method_fails_before_anything_is_sampled(tiny_model, models_d
     )
     assert not results[0].success
     failure = next(e for e in results[0].all_events if e.is_step_failure)
-    assert failure.step_key == "prompts"
+    assert failure.step_key == node("prompts")
     assert "does not compose with self_judge" in str(failure.step_failure_data.error.to_string())
     assert not store.has("round_000", "prompts") and not store.has("round_000", "generations")
 

@@ -267,7 +267,6 @@ def test_a_round_through_the_server_with_faults(embedded_folder, models_dir, tmp
 
 
 def _round_through(server, base_model, models_dir, tmp_path):
-    from assets import ROUND_ASSETS, ROUND_CHECKS
     from resources import (
         EvolutionResource,
         GatesResource,
@@ -301,16 +300,10 @@ def _round_through(server, base_model, models_dir, tmp_path):
         "evolution": EvolutionResource(),
         "method": MethodResource(),
     }
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("rounds", ["round_000"])
+    from tests.conftest import materialize_round
+
     server.faults = [("503", 0), ("slow", 22.0)]
-    result = dg.materialize(
-        [*ROUND_ASSETS, *ROUND_CHECKS],
-        partition_key="round_000",
-        instance=instance,
-        resources=resources,
-        raise_on_error=False,
-    )
+    result = materialize_round(resources, "round_000", dg.DagsterInstance.ephemeral())
     store = RoundStore(tmp_path)
     generations = store.read("round_000", "generations")
     assert generations.height == 16 * 4
@@ -320,5 +313,5 @@ def _round_through(server, base_model, models_dir, tmp_path):
     # The checkpoint is served by its round name, after the engine loaded the adapter.
     assert server.models["round_000"] == str(store.checkpoint_dir("round_000").resolve())
     assert {e["model"] for e in server.log} == {server.base_name, "round_000"}
-    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert {"generations", "critiques", "checkpoint", "eval_scores"} <= materialized

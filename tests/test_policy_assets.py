@@ -12,22 +12,22 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets.partitions import ROUNDS
-from assets.policy import POLICY_ASSETS, POLICY_AUTOMATION, history, policy_job, promoted_policy
-from resources import StorageResource
+from assets.loop import Loop, LoopSpec
+from assets.policy import POLICY_AUTOMATION, policy_definitions
+from resources.settings import GROUPS
 from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import STORES, StubStorageResource, StubStore
 
 GATE = "check_no_regression_eval_scores"
 # round -> (accuracy_before, accuracy_after); round_002 is the planted regression.
 ACCURACY = {"round_000": (0.1, 0.5), "round_001": (0.5, 0.7), "round_002": (0.7, 0.4)}
+LOOP = Loop("t")
+ROUNDS = LOOP.partitions
 
 
-@dg.asset(partitions_def=ROUNDS, name="eval_scores")
-def stand_in_eval_scores(
-    context: dg.AssetExecutionContext, storage: StorageResource
-) -> dg.MaterializeResult:
-    store, round_ = storage.store(), context.partition_key
+@dg.asset(partitions_def=ROUNDS, key=LOOP.key("eval_scores"), required_resource_keys={"t_storage"})
+def stand_in_eval_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    store, round_ = context.resources.t_storage.store(), context.partition_key
     before, after = ACCURACY[round_]
     row = {
         "round": round_,
@@ -48,7 +48,7 @@ def stand_in_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult
 
 
 round_job = dg.define_asset_job(
-    "round_job", selection=[stand_in_eval_scores], partitions_def=ROUNDS
+    LOOP.job_name, selection=[stand_in_eval_scores], partitions_def=ROUNDS
 )
 
 
@@ -66,18 +66,31 @@ def instance() -> Iterator[dg.DagsterInstance]:
         yield instance
 
 
+def stand_in_loop(store: RoundStore) -> Loop:
+    groups = {group: cls() for group, cls in GROUPS.items()}
+    groups["storage"] = StubStorageResource(data_dir=str(store.data_dir))
+    return Loop.of(LoopSpec("t", groups))
+
+
+def policy(store: RoundStore):
+    """(assets, job, sensor) of the stand-in loop's policy."""
+    return policy_definitions(stand_in_loop(store), [stand_in_eval_scores], [stand_in_gate])
+
+
 def definitions(store: RoundStore) -> dg.Definitions:
+    assets, job, sensor = policy(store)
     return dg.Definitions(
-        assets=[stand_in_eval_scores, *POLICY_ASSETS],
+        assets=[stand_in_eval_scores, *assets],
         asset_checks=[stand_in_gate],
-        jobs=[round_job, policy_job],
-        resources={"storage": StubStorageResource(data_dir=str(store.data_dir))},
+        jobs=[round_job, job],
+        sensors=[sensor],
+        resources=stand_in_loop(store).resources(),
     )
 
 
 def run_round(instance, store, round_: str) -> bool:
     instance.add_dynamic_partitions(ROUNDS.name, [round_])
-    job = definitions(store).resolve_job_def("round_job")
+    job = definitions(store).resolve_job_def(LOOP.job_name)
     return job.execute_in_process(
         instance=instance, partition_key=round_, raise_on_error=False
     ).success
@@ -85,20 +98,19 @@ def run_round(instance, store, round_: str) -> bool:
 
 def requested(instance, store, cursor=None):
     """One automation tick over the policy assets: (requested keys, next cursor)."""
+    assets, _, _ = policy(store)
     result = dg.evaluate_automation_conditions(
         defs=definitions(store),
         instance=instance,
-        asset_selection=dg.AssetSelection.assets(*POLICY_ASSETS),
+        asset_selection=dg.AssetSelection.assets(*assets),
         cursor=cursor,
     )
-    keys = {
-        asset.key.to_user_string() for asset in POLICY_ASSETS if result.get_num_requested(asset.key)
-    }
+    keys = {asset.key.path[-1] for asset in assets if result.get_num_requested(asset.key)}
     return keys, result.cursor
 
 
-def test_the_condition_is_eager_with_blocking_checks_passed():
-    for asset in (promoted_policy, history):
+def test_the_condition_is_eager_with_blocking_checks_passed(store):
+    for asset in policy(store)[0]:
         assert asset.automation_conditions_by_key[asset.key] == POLICY_AUTOMATION
     labels = [child.get_label() for child in POLICY_AUTOMATION.children]
     assert labels == ["eager", "no_dep_blocking_check_failed"]
@@ -124,8 +136,12 @@ def test_not_requested_when_the_rounds_blocking_gate_failed(instance, store):
 def test_metadata_names_the_promoted_round_its_accuracy_and_the_reason(instance, store):
     for round_ in ACCURACY:
         run_round(instance, store, round_)
-    result = definitions(store).resolve_job_def("policy_job").execute_in_process(instance=instance)
-    promoted = result.asset_materializations_for_node("promoted_policy")[0].metadata
+    result = (
+        definitions(store)
+        .resolve_job_def(LOOP.policy_job_name)
+        .execute_in_process(instance=instance)
+    )
+    promoted = result.asset_materializations_for_node("t__promoted_policy")[0].metadata
     assert promoted["promoted_round"].value == "round_001"
     assert promoted["accuracy"].value == pytest.approx(0.7)
     assert promoted["reason"].value.startswith(
@@ -134,7 +150,7 @@ def test_metadata_names_the_promoted_round_its_accuracy_and_the_reason(instance,
     # round_002 failed its gate: shown in the history, never promoted.
     row = pl.read_parquet(store.promoted_path).row(0, named=True)
     assert (row["round"], row["decided_after"]) == ("round_001", "round_001")
-    shown = result.asset_materializations_for_node("history")[0].metadata
+    shown = result.asset_materializations_for_node("t__history")[0].metadata
     assert shown["dagster/row_count"].value == 3
     assert shown["history"].value.startswith("![")
     assert "round_002" in shown["history_table"].value
@@ -142,22 +158,27 @@ def test_metadata_names_the_promoted_round_its_accuracy_and_the_reason(instance,
 
 
 def test_no_rounds_yet_serves_the_base_model(instance, store):
-    result = definitions(store).resolve_job_def("policy_job").execute_in_process(instance=instance)
-    promoted = result.asset_materializations_for_node("promoted_policy")[0].metadata
+    result = (
+        definitions(store)
+        .resolve_job_def(LOOP.policy_job_name)
+        .execute_in_process(instance=instance)
+    )
+    promoted = result.asset_materializations_for_node("t__promoted_policy")[0].metadata
     assert promoted["promoted_round"].value == "none (base model)"
     assert promoted["reason"].value == "no completed rounds yet: serve the base model"
 
 
 def test_the_code_location_runs_their_automation_sensor_by_default():
-    from selfimprove_dagster.definitions import defs
+    from selfimprove_dagster.definitions import build_definitions
 
-    repository = defs.get_repository_def()
+    repository = build_definitions().get_repository_def()
     sensors = {sensor.name: sensor for sensor in repository.sensor_defs}
     assert "default_automation_condition_sensor" not in sensors  # it would start stopped
-    sensor = sensors["policy_automation_sensor"]
-    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    targeted = sensor.asset_selection.resolve(repository.asset_graph)
-    assert targeted == {promoted_policy.key, history.key}
+    for loop in ("demo", "add2_grpo"):
+        sensor = sensors[f"{loop}_policy_automation_sensor"]
+        assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+        targeted = sensor.asset_selection.resolve(repository.asset_graph)
+        assert targeted == {dg.AssetKey([loop, "promoted_policy"]), dg.AssetKey([loop, "history"])}
 
 
 # --- the core functions the assets wrap (selfimprove_dagster/evolution.py) ----------

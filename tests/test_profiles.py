@@ -46,9 +46,9 @@ def test_local_profile_is_in_process_with_the_transformers_engine(monkeypatch):
     from selfimprove_dagster.definitions import build_definitions
 
     defs = build_definitions()
-    assert defs.resolve_job_def("round_job").executor_def.name == "in_process"
-    assert defs.resources["generator"].engine == "transformers"
-    assert defs.resources["trainer"].device == "cpu"
+    assert defs.resolve_job_def("demo_round_job").executor_def.name == "in_process"
+    assert defs.resources["demo_generator"].engine == "transformers"
+    assert defs.resources["demo_trainer"].device == "cpu"
 
 
 def test_gpu_profile_uses_vllm_and_cuda_training(monkeypatch):
@@ -56,11 +56,14 @@ def test_gpu_profile_uses_vllm_and_cuda_training(monkeypatch):
     from selfimprove_dagster.definitions import build_definitions
 
     defs = build_definitions()
-    assert defs.resolve_job_def("round_job").executor_def.name == "in_process"
-    assert defs.resources["generator"].engine == "vllm"
-    assert defs.resources["trainer"].device == "cuda"
-    monkeypatch.setenv("SELFIMPROVE_ENGINE", "openai")
-    assert build_definitions().resources["generator"].engine == "openai"
+    assert defs.resolve_job_def("demo_round_job").executor_def.name == "in_process"
+    for loop in ("demo", "add2_grpo"):  # the profile is the deployment's: every loop's
+        assert defs.resources[f"{loop}_generator"].engine == "vllm"
+        assert defs.resources[f"{loop}_trainer"].device == "cuda"
+    monkeypatch.setenv("SELFIMPROVE_ENGINE", "openai")  # the demo loop reads SELFIMPROVE_*
+    resources = build_definitions().resources
+    assert resources["demo_generator"].engine == "openai"
+    assert resources["add2_grpo_generator"].engine == "vllm"
 
 
 def test_cluster_profile_loads_with_the_k8s_executor(monkeypatch):
@@ -68,26 +71,28 @@ def test_cluster_profile_loads_with_the_k8s_executor(monkeypatch):
     from selfimprove_dagster.definitions import build_definitions
 
     defs = build_definitions()
-    job = defs.resolve_job_def("round_job")
+    job = defs.resolve_job_def("demo_round_job")
     assert job.executor_def.name == "k8s"
     # The executor's config (volumes, env, per-step resources) passes dagster-k8s's schema.
     assert dg.validate_run_config(job, {}) is not None
     executor_config = CLUSTER.k8s_executor_config
-    gpu_steps = executor_config["per_step_k8s_config"]
-    assert set(gpu_steps) == {"checkpoint"}
+    gpu_steps = CLUSTER.executor_config_for(["demo", "add2_grpo"])["per_step_k8s_config"]
+    assert set(gpu_steps) == {"demo_checkpoint", "add2_grpo_checkpoint"}
     node_names = {node.name for node in job.graph.nodes}
-    assert set(gpu_steps) <= node_names  # keys are real op names of the round job
-    limits = gpu_steps["checkpoint"]["container_config"]["resources"]["limits"]
+    assert "demo_checkpoint" in node_names  # keys are real op names of the round jobs
+    limits = gpu_steps["demo_checkpoint"]["container_config"]["resources"]["limits"]
     assert limits == {"nvidia.com/gpu": "1"}
-    assert CLUSTER.k8s_op_tags("checkpoint")["dagster-k8s/config"] == gpu_steps["checkpoint"]
+    tags = CLUSTER.k8s_op_tags("checkpoint")["dagster-k8s/config"]
+    assert tags == gpu_steps["demo_checkpoint"]
     # Dagster passes these dicts through as is; the Kubernetes models check their keys.
     for step in (executor_config["step_k8s_config"], *gpu_steps.values()):
         _as_kubernetes_objects(step)
     assert "nvidia.com/gpu" not in str(CLUSTER.k8s_op_tags("generations"))
-    generator, trainer = defs.resources["generator"], defs.resources["trainer"]
+    generator, trainer = defs.resources["demo_generator"], defs.resources["demo_trainer"]
     assert (generator.engine, generator.openai_load_adapters) == ("openai", True)
     assert (trainer.init, trainer.device) == ("restart", "cuda")
-    assert defs.resources["storage"].data_dir == "/data"
+    # The profile's data dir is the deployment's: each loop keeps its rounds below it.
+    assert defs.resources["add2_grpo_storage"].data_dir == "/data/loops/add2_grpo"
 
 
 def test_cluster_profile_passes_dagster_definitions_validate(monkeypatch):

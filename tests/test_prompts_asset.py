@@ -10,8 +10,6 @@ import duckdb
 import polars as pl
 import pytest
 
-from assets import ROUND_CHECKS
-from assets.rounds import prompts
 from resources import (
     EvolutionResource,
     GatesResource,
@@ -21,13 +19,10 @@ from resources import (
     TaskResource,
 )
 from selfimprove_dagster.store.storage import RoundStore
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, materialize_steps, node
 from tests.test_curriculum import BandSkillEngine
 from tests.test_synthesis import ScriptedSynthEngine
 
-PROMPTS_CHECKS = [
-    c for c in ROUND_CHECKS if all(k.asset_key == dg.AssetKey("prompts") for k in c.check_keys)
-]
 SEED_FILE = str(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
 
 # What the scripted policy writes when asked for new tasks (one per request, in order).
@@ -55,22 +50,15 @@ class BandSkillPolicy(GeneratorResource):
 
 
 def _materialize(data_dir, task: TaskResource, key="round_000", generator=None, method=None):
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("rounds", [key])
-    return dg.materialize(
-        [prompts, *PROMPTS_CHECKS],
-        partition_key=key,
-        instance=instance,
-        resources={
-            "storage": StorageResource(data_dir=str(data_dir)),
-            "task": task,
-            "generator": generator or ScriptedPolicy(base_model="scripted"),
-            "evolution": EvolutionResource(),
-            "method": method or MethodResource(),
-            "gates": GatesResource(),
-        },
-        raise_on_error=False,
-    )
+    resources = {
+        "storage": StorageResource(data_dir=str(data_dir)),
+        "task": task,
+        "generator": generator or ScriptedPolicy(base_model="scripted"),
+        "evolution": EvolutionResource(),
+        "method": method or MethodResource(),
+        "gates": GatesResource(),
+    }
+    return materialize_steps(resources, key, dg.DagsterInstance.ephemeral(), ["prompts"])
 
 
 def _checks(result) -> dict[str, bool]:
@@ -80,8 +68,8 @@ def _checks(result) -> dict[str, bool]:
 def _metadata(result) -> dict:
     materialization = next(
         m
-        for m in result.asset_materializations_for_node("prompts")
-        if m.asset_key == dg.AssetKey("prompts")
+        for m in result.asset_materializations_for_node(node("prompts"))
+        if m.asset_key == dg.AssetKey(["t", "prompts"])
     )
     return {k: v.value for k, v in materialization.metadata.items()}
 

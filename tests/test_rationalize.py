@@ -157,13 +157,16 @@ def test_truncation_warning_names_the_share_and_the_setting():
 
 
 def test_rationale_format_raises_the_token_budget_unless_set():
-    from resources import GeneratorResource, from_env
+    from resources.settings import resolve_settings
 
-    assert from_env(GeneratorResource, {}).max_new_tokens == 16
+    def generator(environ):
+        return resolve_settings("demo", {}, "SELFIMPROVE_", environ)["generator"]
+
+    assert generator({}).max_new_tokens == 16
     rationale = {"SELFIMPROVE_ANSWER_FORMAT": "rationale"}
-    assert from_env(GeneratorResource, rationale).max_new_tokens == 256
+    assert generator(rationale).max_new_tokens == 256
     explicit = {**rationale, "SELFIMPROVE_MAX_NEW_TOKENS": "96"}
-    assert from_env(GeneratorResource, explicit).max_new_tokens == 96
+    assert generator(explicit).max_new_tokens == 96
 
 
 class LetterB(GenerationEngine):

@@ -16,29 +16,28 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets.partitions import ROUNDS
-from assets.sensors import (
-    EvolutionResource,
-    describe_round_failure,
-    next_round_sensor,
-    round_failure_sensor,
-    round_schedule,
-)
+from assets.loop import Loop, LoopSpec
+from assets.sensors import describe_round_failure, loop_sensors
+from resources import EvolutionResource
+from resources.settings import GROUPS
 from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import STORES, StubStorageResource, StubStore
 
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 GATE = "check_no_regression_eval_scores"
+LOOP = Loop("t")  # the stand-in loop's names: its partitions, keys and job
+ROUNDS = LOOP.partitions
+JOB = LOOP.job_name
 FAILING_ROUND = "round_009"  # the stand-in eval_scores step raises for this round
 
 
-@dg.asset(partitions_def=ROUNDS, name="checkpoint")
+@dg.asset(partitions_def=ROUNDS, key=LOOP.key("checkpoint"))
 def stand_in_checkpoint() -> dg.MaterializeResult:
     return dg.MaterializeResult()
 
 
-@dg.asset(partitions_def=ROUNDS, name="eval_scores", deps=[stand_in_checkpoint])
+@dg.asset(partitions_def=ROUNDS, key=LOOP.key("eval_scores"), deps=[stand_in_checkpoint])
 def stand_in_eval_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     if context.partition_key == FAILING_ROUND:
         raise ValueError("held-out set is empty")
@@ -53,7 +52,7 @@ def stand_in_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult
 
 
 stand_in_job = dg.define_asset_job(
-    "round_job", selection=[stand_in_checkpoint, stand_in_eval_scores], partitions_def=ROUNDS
+    JOB, selection=[stand_in_checkpoint, stand_in_eval_scores], partitions_def=ROUNDS
 )
 
 
@@ -77,34 +76,38 @@ def store(tmp_path) -> RoundStore:
     return stub
 
 
-def resources(store: RoundStore, **rules: object) -> dict[str, dg.ConfigurableResource]:
-    return {
-        "storage": StubStorageResource(data_dir=str(store.data_dir)),
-        "evolution": EvolutionResource(**rules),
-    }
+def stand_in_loop(store: RoundStore, **rules: object) -> Loop:
+    """The loop the sensors decide for: the stub store and these stop rules."""
+    groups = {group: cls() for group, cls in GROUPS.items()}
+    groups["storage"] = StubStorageResource(data_dir=str(store.data_dir))
+    groups["evolution"] = EvolutionResource(**rules)
+    return Loop.of(LoopSpec("t", groups))
+
+
+def sensors(store: RoundStore, **rules: object):
+    """(next_round_sensor, round_failure_sensor, round_schedule) of the stand-in loop."""
+    (next_round, failure), (schedule,) = loop_sensors(stand_in_loop(store, **rules))
+    return next_round, failure, schedule
 
 
 def definitions(store: RoundStore, **rules: object) -> dg.Definitions:
     """The stand-in code location: the sensors' job, gate and resources resolve in it."""
+    next_round, failure, schedule = sensors(store, **rules)
     return dg.Definitions(
         assets=[stand_in_checkpoint, stand_in_eval_scores],
         asset_checks=[stand_in_gate],
         jobs=[stand_in_job],
-        sensors=[next_round_sensor, round_failure_sensor],
-        schedules=[round_schedule],
-        resources=resources(store, **rules),
+        sensors=[next_round, failure],
+        schedules=[schedule],
+        resources=stand_in_loop(store, **rules).resources(),
     )
 
 
 def tick(instance, store, cursor: str | None = None, **rules: object):
-    # Direct invocation takes its resources from the context, not from `definitions`.
     with dg.build_sensor_context(
-        instance=instance,
-        cursor=cursor,
-        definitions=definitions(store, **rules),
-        resources=resources(store, **rules),
+        instance=instance, cursor=cursor, definitions=definitions(store, **rules)
     ) as context:
-        return next_round_sensor(context)
+        return sensors(store, **rules)[0](context)
 
 
 def complete_round(
@@ -121,7 +124,7 @@ def complete_round(
     row = {"round": round_, "accuracy_before": before, "accuracy_after": after}
     store.write(round_, "eval_scores", pl.DataFrame([row]))
     instance.report_runless_asset_event(
-        dg.AssetMaterialization(asset_key="eval_scores", partition=round_)
+        dg.AssetMaterialization(asset_key=LOOP.key("eval_scores"), partition=round_)
     )
     record_gate(instance, round_, gate_passed)
 
@@ -129,7 +132,7 @@ def complete_round(
 def record_gate(instance: dg.DagsterInstance, round_: str, passed: bool) -> None:
     instance.report_runless_asset_event(
         dg.AssetCheckEvaluation(
-            asset_key=dg.AssetKey("eval_scores"),
+            asset_key=LOOP.key("eval_scores"),
             check_name=GATE,
             passed=passed,
             severity=dg.AssetCheckSeverity.ERROR,
@@ -141,13 +144,13 @@ def record_gate(instance: dg.DagsterInstance, round_: str, passed: bool) -> None
 
 def run_round(instance, store, round_: str) -> dg.ExecuteInProcessResult:
     """Execute the stand-in round job: a real materialization and gate result."""
-    job = definitions(store).resolve_job_def("round_job")
+    job = definitions(store).resolve_job_def(JOB)
     return job.execute_in_process(instance=instance, partition_key=round_, raise_on_error=False)
 
 
 def start_run(instance, store, round_: str, status: dg.DagsterRunStatus) -> dg.DagsterRun:
     """A run record in the given status (nothing executes; its checks are planned)."""
-    job = definitions(store).resolve_job_def("round_job")
+    job = definitions(store).resolve_job_def(JOB)
     tags = {"dagster/partition": round_}
     return instance.create_run_for_job(job_def=job, status=status, tags=tags)
 
@@ -163,12 +166,12 @@ def test_adds_and_requests_the_next_round_in_one_result(instance, store):
 
     assert isinstance(result, dg.SensorResult)
     (add,) = result.dynamic_partitions_requests
-    assert (add.partitions_def_name, list(add.partition_keys)) == ("rounds", ["round_002"])
+    assert (add.partitions_def_name, list(add.partition_keys)) == ("t_rounds", ["round_002"])
     (request,) = result.run_requests
     assert (request.run_key, request.partition_key, request.job_name) == (
-        "round:round_002",
+        "t:round_002",
         "round_002",
-        "round_job",
+        "t_round_job",
     )
     assert request.tags["selfimprove/decision"] == (
         "round_001 improved 65.0% -> 81.5% → run round_002"
@@ -184,9 +187,8 @@ def test_the_request_resolves_against_the_job(persistent_instance, store):
         # The ref lets evaluate_tick load the dynamic partitions, as the daemon does.
         instance_ref=instance.get_ref(),
         definitions=definitions(store),
-        resources=resources(store),
     ) as context:
-        data = next_round_sensor.evaluate_tick(context)
+        data = sensors(store)[0].evaluate_tick(context)
     (request,) = data.run_requests
     assert request.partition_key == "round_000"
     assert request.tags["dagster/partition"] == "round_000"
@@ -208,7 +210,7 @@ def test_waits_while_the_requested_round_runs(instance, store):
     run = start_run(instance, store, "round_001", dg.DagsterRunStatus.STARTED)
     result = tick(instance, store, cursor="round_001")
     assert isinstance(result, dg.SkipReason)
-    assert result.skip_message == f"round_job is still running round_001 (run {run.run_id[:8]})"
+    assert result.skip_message == f"t_round_job is still running round_001 (run {run.run_id[:8]})"
 
 
 def test_skips_at_max_rounds(instance, store):
@@ -307,7 +309,7 @@ def test_a_round_whose_upstream_was_rematerialized_is_stale(instance, store):
     complete_round(instance, store, "round_000", 0.1, 0.5)
     # Planted: round_000's checkpoint re-materialized after its eval_scores.
     instance.report_runless_asset_event(
-        dg.AssetMaterialization(asset_key="checkpoint", partition="round_000")
+        dg.AssetMaterialization(asset_key=LOOP.key("checkpoint"), partition="round_000")
     )
     result = tick(instance, store)
     assert result.skip_message == (
@@ -331,8 +333,8 @@ def test_the_record_reads_a_real_run(instance, store):
     instance.add_dynamic_partitions(ROUNDS.name, ["round_000", "round_001"])
     assert run_round(instance, store, "round_000").success
     assert not run_round(instance, store, "round_001").success  # its gate fails
-    graph = RoundGraph.of(definitions(store).get_repository_def())
-    assert graph.upstream == [dg.AssetKey("checkpoint")]
+    graph = RoundGraph.of(definitions(store).get_repository_def(), LOOP)
+    assert graph.upstream == [LOOP.key("checkpoint")]
     record = DagsterRecord(instance, graph)
     assert record.done_rounds() == ["round_000"]
     assert record.round("round_001").problem() == f"a blocking gate failed in round_001: {GATE}"
@@ -352,7 +354,8 @@ def test_sensors_and_the_cli_use_public_dagster_apis_only():
     assert offenders == []
 
 
-def test_sensor_and_schedule_are_off_by_default():
+def test_sensor_and_schedule_are_off_by_default(store):
+    next_round_sensor, _, round_schedule = sensors(store)
     assert next_round_sensor.default_status == dg.DefaultSensorStatus.STOPPED
     assert next_round_sensor.minimum_interval_seconds == 30
     assert round_schedule.default_status == dg.DefaultScheduleStatus.STOPPED
@@ -368,9 +371,8 @@ def schedule_tick(instance, store, **rules: object):
     with dg.build_schedule_context(
         instance=instance,
         repository_def=defs.get_repository_def(),
-        resources=resources(store, **rules),
     ) as context:
-        return round_schedule(context)
+        return sensors(store, **rules)[2](context)
 
 
 def test_schedule_skips_while_a_round_runs(persistent_instance, store):
@@ -379,7 +381,7 @@ def test_schedule_skips_while_a_round_runs(persistent_instance, store):
     run = start_run(instance, store, "round_000", dg.DagsterRunStatus.STARTED)
     result = schedule_tick(instance, store)
     assert isinstance(result, dg.SkipReason)
-    assert result.skip_message == f"round_job is still running round_000 (run {run.run_id[:8]})"
+    assert result.skip_message == f"t_round_job is still running round_000 (run {run.run_id[:8]})"
     assert not instance.has_dynamic_partition(ROUNDS.name, "round_001")
 
 
@@ -389,7 +391,7 @@ def test_schedule_adds_and_requests_the_next_round(persistent_instance, store):
     assert run_round(instance, store, "round_000").success  # finished: does not block
     result = schedule_tick(instance, store)
     assert isinstance(result, dg.RunRequest)
-    assert (result.run_key, result.partition_key) == ("round:round_001", "round_001")
+    assert (result.run_key, result.partition_key) == ("t:round_001", "round_001")
     assert instance.has_dynamic_partition(ROUNDS.name, "round_001")
 
 
@@ -406,7 +408,7 @@ def failed_run_context(instance, store) -> dg.RunFailureSensorContext:
     instance.add_dynamic_partitions(ROUNDS.name, [FAILING_ROUND])
     result = run_round(instance, store, FAILING_ROUND)
     return dg.build_run_status_sensor_context(
-        sensor_name="round_failure_sensor",
+        sensor_name="t_round_failure_sensor",
         dagster_event=result.get_run_failure_event(),
         dagster_instance=instance,
         dagster_run=result.dagster_run,
@@ -420,7 +422,7 @@ def test_failure_description_names_the_step_and_the_error(instance, store):
     )
     run_id = context.dagster_run.run_id[:8]
     assert message == (
-        f"round_job run {run_id} ({FAILING_ROUND}) failed at step `eval_scores`: "
+        f"t_round_job run {run_id} ({FAILING_ROUND}) failed at step `t__eval_scores`: "
         "ValueError: held-out set is empty"
     )
 
@@ -429,5 +431,5 @@ def test_failure_sensor_logs_the_failed_step(instance, store, caplog):
     context = failed_run_context(instance, store)
     # The sensor's logger is not under the root logger: listen to it directly.
     context.log.addHandler(caplog.handler)
-    round_failure_sensor(context)
-    assert "failed at step `eval_scores`: ValueError: held-out set is empty" in caplog.text
+    sensors(store)[1](context)
+    assert "failed at step `t__eval_scores`: ValueError: held-out set is empty" in caplog.text

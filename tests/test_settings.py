@@ -8,16 +8,17 @@ import dagster as dg
 import pytest
 from pydantic import Field
 
-from resources import (
-    EvolutionResource,
-    GeneratorResource,
-    TaskResource,
-    TrainerResource,
-    from_env,
-)
+from resources import EvolutionResource, GeneratorResource, TaskResource, TrainerResource
 from resources.env import check_environment, known_variables, shared_variables
+from resources.settings import GROUPS, resolve_settings
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.profiles import CLUSTER
+
+
+def from_env(cls, environ):
+    """The demo loop's resource of class `cls` with only `environ` set (SELFIMPROVE_*)."""
+    group = next(g for g, c in GROUPS.items() if c is cls)
+    return resolve_settings("demo", {}, "SELFIMPROVE_", environ)[group]
 
 
 def test_shared_variables_name_every_field_they_set():

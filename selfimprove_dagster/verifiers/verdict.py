@@ -19,3 +19,4 @@ class Verdict:
     correct: bool
     extracted: str | None  # the normalized answer found in the completion, if any
     reason: str  # "correct", "wrong_answer", "no_answer", or a verifier-specific reason
+    sandbox: str | None = None  # code only: what isolated the program ("bubblewrap" / "none")
