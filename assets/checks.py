@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from assets.loop import Loop, Step
+from selfimprove_dagster.assets.loop import Loop, Step
 from selfimprove_dagster.engines.base import Sampling
 from selfimprove_dagster.methods import star
 from selfimprove_dagster.models import read_manifest

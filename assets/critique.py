@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from assets.loop import Loop
-from assets.tables import preview, table_spec
+from selfimprove_dagster.assets.loop import Loop
+from selfimprove_dagster.assets.tables import preview, table_spec
 from selfimprove_dagster.methods import recipe as methods
 from selfimprove_dagster.profiles import MODEL_POOL
 from selfimprove_dagster.quality import monitors

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from assets.loop import Loop
-from assets.tables import ROUND_KINDS, parent_metadata, table_spec
+from selfimprove_dagster.assets.loop import Loop
+from selfimprove_dagster.assets.tables import ROUND_KINDS, parent_metadata, table_spec
 from selfimprove_dagster.evaluation import ScoringPlan, score_round
 from selfimprove_dagster.profiles import MODEL_POOL
 from selfimprove_dagster.store.storage import round_index

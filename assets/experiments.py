@@ -8,17 +8,16 @@ The table lives in the deployment's data dir (`experiments.parquet`, DuckDB view
 `experiments` in its catalog), so SQL compares loops without opening each loop's data.
 """
 
-
 from collections.abc import Callable, Mapping
 
 import dagster as dg
 
-from assets.loop import Loop
-from assets.record import DagsterRecord, RoundGraph
-from resources.settings import deployment_data_dir
+from selfimprove_dagster.assets.loop import Loop
+from selfimprove_dagster.assets.record import DagsterRecord, RoundGraph
 from selfimprove_dagster.evolution import promotion
 from selfimprove_dagster.experiments import compare, experiment_rows
 from selfimprove_dagster.plots import markdown_image, render_experiments
+from selfimprove_dagster.resources.settings import deployment_data_dir
 from selfimprove_dagster.store.storage import RoundStore
 
 EXPERIMENTS_AUTOMATION = dg.AutomationCondition.eager()

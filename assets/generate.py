@@ -11,9 +11,9 @@ from dataclasses import replace
 import dagster as dg
 import polars as pl
 
-from assets.loop import Loop, Step
-from assets.record import check_round_order, recorded_done_rounds
-from assets.tables import ROUND_KINDS, parent_metadata, preview, table_spec
+from selfimprove_dagster.assets.loop import Loop, Step
+from selfimprove_dagster.assets.record import check_round_order, recorded_done_rounds
+from selfimprove_dagster.assets.tables import ROUND_KINDS, parent_metadata, preview, table_spec
 from selfimprove_dagster.evolution import round_policy, round_temperature
 from selfimprove_dagster.methods import recipe as methods
 from selfimprove_dagster.methods import star

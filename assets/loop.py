@@ -24,9 +24,10 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from assets.tables import table_schema
-from resources.settings import GROUPS, settings_changes, settings_fingerprint
+from selfimprove_dagster.assets.tables import table_schema
 from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.locking import check_round_free
+from selfimprove_dagster.resources.settings import GROUPS, settings_changes, settings_fingerprint
 from selfimprove_dagster.store.storage import RoundStore
 from selfimprove_dagster.store.versions import TableVersion
 
@@ -159,6 +160,11 @@ class Step:
         self.settings = loop.settings(context)
         self.store: RoundStore = self.settings.storage.store()
         self.log = context.log.info
+        # One writer per round: a step of a run launched while another process holds
+        # the round (`selfimprove run`) stops here, before it reads or writes anything.
+        run_id = getattr(context, "run_id", None) or context.op_execution_context.run_id
+        holder = f"run {run_id[:8]} of {loop.job_name}"
+        check_round_free(self.store.data_dir, loop.name, self.round, holder)
 
     def save(self, step: str, frames: Mapping[str, pl.DataFrame | None]) -> TableVersion:
         """Publish the step's tables as one new version of the round (a None frame: not

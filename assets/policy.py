@@ -7,33 +7,23 @@ round's `eval_scores` lands with its blocking checks passed.
                                             └─► history           (plot + table of all rounds)
 
 They are materialized by Declarative Automation (`POLICY_AUTOMATION`: Dagster's
-`eager()` — some round's eval_scores updated, none missing or in progress — and no
-round's eval_scores with a failed blocking check), which `<loop>_policy_automation_sensor`
-(running by default) evaluates in the daemon (`dagster dev`, `selfimprove ui`);
-`selfimprove run` materializes them in process after each round (`<loop>_policy_job`).
+`eager()` — some round's eval_scores updated, none missing or in progress), which
+`<loop>_policy_automation_sensor` (running by default) evaluates in the daemon
+(`dagster dev`, `selfimprove ui`); `selfimprove run` materializes them in process after
+each round (`<loop>_policy_job`). They follow every recorded round, one whose gate
+failed too: each reads which rounds are done from Dagster's record, so a failed round
+is shown (`done` false) and never promoted, and neither asset is left Unsynced beside a
+materialized eval_scores.
 """
 
 import dagster as dg
 
-from assets.loop import Loop
-from assets.record import DagsterRecord, round_graph
+from selfimprove_dagster.assets.loop import Loop
+from selfimprove_dagster.assets.record import DagsterRecord, round_graph
 from selfimprove_dagster.evolution import history_table, promotion
 from selfimprove_dagster.plots import markdown_image, render_history
 
-# Dagster's `all_deps_blocking_checks_passed()` is true when ANY partition of a
-# partitioned dep passed its checks (a dep counts as matched through one partition), so
-# for an unpartitioned child of `eval_scores` it would fire after a failed round too.
-# Here: no round's eval_scores may have a failed blocking check (a failed round stops
-# the loop until a person re-runs it), and eager() supplies "some round updated, none
-# missing or in progress".
-NO_FAILED_BLOCKING_CHECKS = (
-    ~dg.AutomationCondition.any_deps_match(
-        dg.AutomationCondition.any_checks_match(
-            dg.AutomationCondition.check_failed(), blocking_only=True
-        )
-    )
-).with_label("no_dep_blocking_check_failed")
-POLICY_AUTOMATION = dg.AutomationCondition.eager() & NO_FAILED_BLOCKING_CHECKS
+POLICY_AUTOMATION = dg.AutomationCondition.eager()
 
 
 def policy_assets(loop: Loop, round_assets, round_checks) -> list[dg.AssetsDefinition]:
@@ -91,8 +81,9 @@ def policy_assets(loop: Loop, round_assets, round_checks) -> list[dg.AssetsDefin
         reader = record(context, store)
         materialized = [key for key in reader.rounds() if reader.round(key).materialized]
         rounds = store.eval_history(materialized)
-        chosen = promotion(store.eval_history(reader.done_rounds()))
-        table = history_table(rounds, chosen.round)
+        done = reader.done_rounds()
+        chosen = promotion(store.eval_history(done))
+        table = history_table(rounds, chosen.round, done)
         metadata = {
             "dagster/row_count": table.height,
             "promoted_round": chosen.round or "none (base model)",

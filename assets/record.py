@@ -24,7 +24,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.loop import SETTINGS_KEY, Loop, Step
+from selfimprove_dagster.assets.loop import SETTINGS_KEY, Loop, Step
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.evolution import RecordSnapshot, RoundState
 from selfimprove_dagster.store.storage import previous_round, round_index

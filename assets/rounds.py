@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.checks import round_checks
-from assets.critique import critiques_asset, filtered_asset
-from assets.evaluate import eval_scores_asset
-from assets.generate import generations_asset, prompts_asset
-from assets.loop import LOOP_TAG, Loop, LoopSpec
-from assets.policy import policy_definitions
-from assets.sensors import loop_sensors
-from assets.train import checkpoint_asset
+from selfimprove_dagster.assets.add_round import add_round_job
+from selfimprove_dagster.assets.checks import round_checks
+from selfimprove_dagster.assets.critique import critiques_asset, filtered_asset
+from selfimprove_dagster.assets.evaluate import eval_scores_asset
+from selfimprove_dagster.assets.generate import generations_asset, prompts_asset
+from selfimprove_dagster.assets.loop import LOOP_TAG, Loop, LoopSpec
+from selfimprove_dagster.assets.policy import policy_definitions
+from selfimprove_dagster.assets.sensors import loop_sensors
+from selfimprove_dagster.assets.train import checkpoint_asset
 
 LOOP_METADATA_PREFIX = "selfimprove/loop/"
 
@@ -49,7 +50,6 @@ def round_job(loop: Loop, assets: list[dg.AssetsDefinition]) -> dg.UnresolvedAss
     return dg.define_asset_job(
         loop.job_name,
         selection=dg.AssetSelection.assets(*assets),
-        partitions_def=loop.partitions,
         description=f"One round of loop `{loop.name}`: generate -> critique -> filter -> "
         "train -> eval.",
         tags={LOOP_TAG: loop.name},
@@ -80,7 +80,7 @@ def build_loop(spec: LoopSpec) -> dg.Definitions:
     return dg.Definitions(
         assets=[*assets, *policy],
         asset_checks=checks,
-        jobs=[round_job(loop, assets), policy_job],
+        jobs=[round_job(loop, assets), policy_job, add_round_job(loop)],
         sensors=[*sensors, policy_sensor],
         schedules=schedules,
         resources=loop.resources(),

@@ -18,8 +18,8 @@ from typing import Any
 
 import dagster as dg
 
-from assets.loop import LOOP_TAG, Loop
-from assets.record import PARTITION_TAG, DagsterRecord, RoundGraph
+from selfimprove_dagster.assets.loop import LOOP_TAG, Loop
+from selfimprove_dagster.assets.record import PARTITION_TAG, DagsterRecord, RoundGraph
 from selfimprove_dagster.evolution import RoundPlan, decide_next
 
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from assets.loop import Loop, tidy
-from assets.tables import parent_metadata, table_spec
+from selfimprove_dagster.assets.loop import Loop, tidy
+from selfimprove_dagster.assets.tables import parent_metadata, table_spec
 from selfimprove_dagster.methods.checkpoint import train_round
 from selfimprove_dagster.profiles import MODEL_POOL
 from selfimprove_dagster.store.schemas import ROLLOUTS_TABLE, STEPS_TABLE

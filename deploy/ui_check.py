@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,6 +55,11 @@ class Page:
     name: str  # screenshot file stem
     path: str  # URL path under the webserver
     expect: tuple[str, ...]  # texts that must appear
+    forbid: tuple[str, ...] = ()  # regular expressions that must not match the page's text
+
+
+# A raw float in metadata (0.43999999999999995): shown rounded (`assets.loop.tidy`).
+RAW_FLOAT = r"\b\d\.\d{9,}\b"
 
 
 def pages(round_: str, loop: str = "demo") -> list[Page]:
@@ -64,18 +70,25 @@ def pages(round_: str, loop: str = "demo") -> list[Page]:
         Page(
             "2-eval-scores-partition",
             f"/assets/{loop}/eval_scores?view=partitions&partition={partition}",
-            (round_, "accuracy_after"),
+            # The settings its run resolved, readable: what differs from the defaults.
+            (round_, "accuracy_after", "selfimprove/settings_changed"),
+            forbid=(RAW_FLOAT,),
         ),
         Page(
             "3-filtered-checks",
             f"/assets/{loop}/filtered?view=checks",
             ("check_min_rows_filtered",),
         ),
-        Page(
-            "4-promoted-policy", f"/assets/{loop}/promoted_policy", ("promoted_round", "reason")
-        ),
-        Page("5-runs", "/runs", (f"{loop}_round_job",)),
+        Page("4-promoted-policy", f"/assets/{loop}/promoted_policy", ("promoted_round", "reason")),
+        # Runs `selfimprove run` launched, under the job like runs launched in the UI.
+        Page("5-runs", f"/locations/selfimprove_dagster/jobs/{loop}_round_job/runs", (round_,)),
         Page("6-experiments", "/assets/experiments", ("accuracy_per_round", "loops")),
+        # The Launchpad's way to add a round partition.
+        Page(
+            "7-add-round-job",
+            f"/locations/selfimprove_dagster/jobs/{loop}_add_round_job",
+            (f"{loop}_add_round",),
+        ),
     ]
 
 
@@ -166,6 +179,12 @@ def check_pages(url: str, round_: str, out: Path) -> list[str]:
                 except PlaywrightTimeout:
                     problems.append(f"{target.name}: `{text}` not shown at {target.path}")
             dismiss_welcome(page)  # it shows once the app has loaded
+            shown = page.inner_text("body")
+            problems += [
+                f"{target.name}: `{pattern}` matches `{match.group(0)}` at {target.path}"
+                for pattern in target.forbid
+                if (match := re.search(pattern, shown))
+            ]
             page.wait_for_timeout(1500)  # let late requests settle before the screenshot
             page.screenshot(path=str(out / f"{target.name}.png"), full_page=True)
             errors = [m for m in console if not any(skip in m for skip in IGNORED_CONSOLE)]

@@ -6,14 +6,14 @@ resource per group (`settings.GROUPS`), resolved by `settings.resolve_settings` 
 loop's YAML, the environment (`SELFIMPROVE_<FIELD>` for the demo loop) and run config.
 """
 
-from resources.env import ENV_PREFIX
-from resources.evolution import EvolutionResource
-from resources.gates import GatesResource
-from resources.generator import GeneratorResource
-from resources.method import MethodResource
-from resources.storage import StorageResource
-from resources.task import TaskResource
-from resources.trainer import TrainerResource
+from selfimprove_dagster.resources.env import ENV_PREFIX
+from selfimprove_dagster.resources.evolution import EvolutionResource
+from selfimprove_dagster.resources.gates import GatesResource
+from selfimprove_dagster.resources.generator import GeneratorResource
+from selfimprove_dagster.resources.method import MethodResource
+from selfimprove_dagster.resources.storage import StorageResource
+from selfimprove_dagster.resources.task import TaskResource
+from selfimprove_dagster.resources.trainer import TrainerResource
 
 __all__ = [
     "ENV_PREFIX",

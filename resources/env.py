@@ -60,7 +60,7 @@ def field_variables(
 
 def resource_classes() -> list[type[dg.ConfigurableResource]]:
     """Every resource class the `resources` package exports (read at call time)."""
-    import resources
+    from selfimprove_dagster import resources
 
     found = []
     for name in getattr(resources, "__all__", dir(resources)):

@@ -31,15 +31,15 @@ from typing import Any, ClassVar
 import dagster as dg
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from resources.env import field_variables
-from resources.evolution import EvolutionResource
-from resources.gates import GatesResource
-from resources.generator import GeneratorResource
-from resources.method import MethodResource
-from resources.storage import StorageResource
-from resources.task import TaskResource
-from resources.trainer import TrainerResource
 from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.resources.env import field_variables
+from selfimprove_dagster.resources.evolution import EvolutionResource
+from selfimprove_dagster.resources.gates import GatesResource
+from selfimprove_dagster.resources.generator import GeneratorResource
+from selfimprove_dagster.resources.method import MethodResource
+from selfimprove_dagster.resources.storage import StorageResource
+from selfimprove_dagster.resources.task import TaskResource
+from selfimprove_dagster.resources.trainer import TrainerResource
 
 # The settings groups of a loop, in the order they are documented.
 GROUPS: dict[str, type[dg.ConfigurableResource]] = {

@@ -39,15 +39,50 @@ REPOSITORY_TAG = ".dagster/repository"
 REPOSITORY_LABEL = "__repository__@selfimprove_dagster"
 
 
-def use_data_dir(data_dir: str) -> RoundStore:
-    """Point the resources and the Dagster instance at `data_dir`."""
+def use_data_dir(data_dir: str, create: bool = True) -> RoundStore:
+    """Point the resources and the Dagster instance at `data_dir`; with `create`, create
+    the instance there now when missing (`open_instance`). A command that may still be
+    refused passes `create=False` and opens the instance once it is past its checks, so a
+    refused command leaves no `dagster_home/` behind."""
     store = RoundStore(Path(data_dir).expanduser().resolve())
-    dagster_home = store.data_dir / "dagster_home"
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    write_instance_config(dagster_home / "dagster.yaml")
     os.environ["SELFIMPROVE_DATA_DIR"] = str(store.data_dir)
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.environ["DAGSTER_HOME"] = str(store.data_dir / "dagster_home")
+    if create:
+        open_instance()
     return store
+
+
+# Written in dagster_home once the instance is created: which Dagster and which managed
+# dagster.yaml created it (either changes: it is opened under the lock again).
+INSTANCE_READY = ".selfimprove-instance"
+
+
+def open_instance():
+    """The Dagster instance in DAGSTER_HOME (set by `use_data_dir`), its folder and
+    dagster.yaml written first when missing. One process at a time creates it (a lock in
+    the data dir, `locking.creating_instance`): two commands started together on a fresh
+    data dir would otherwise both create its SQLite tables, and one die of it. Once
+    created (`INSTANCE_READY`), it is opened without the lock."""
+    import hashlib
+
+    import dagster as dg
+
+    from selfimprove_dagster.interrupts import deferred_signals
+    from selfimprove_dagster.locking import creating_instance
+    from selfimprove_dagster.profiles import LOCAL_INSTANCE_YAML
+
+    home = Path(os.environ["DAGSTER_HOME"])
+    config = hashlib.sha256(LOCAL_INSTANCE_YAML.encode()).hexdigest()[:16]
+    stamp = f"dagster {dg.__version__}, dagster.yaml {config}\n"
+    ready = home / INSTANCE_READY
+    if ready.is_file() and ready.read_text() == stamp:
+        return dg.DagsterInstance.get()
+    with creating_instance(home.parent), deferred_signals():  # never half-created
+        home.mkdir(parents=True, exist_ok=True)
+        write_instance_config(home / "dagster.yaml")
+        instance = dg.DagsterInstance.get()  # creates or upgrades its databases
+        ready.write_text(stamp)
+        return instance
 
 
 # What older versions wrote: replaced by the managed config.
@@ -66,7 +101,10 @@ def write_instance_config(path: Path) -> None:
             return
         if text != OLD_INSTANCE_YAML and not text.startswith(MANAGED_MARKER):
             return
-    path.write_text(LOCAL_INSTANCE_YAML)
+    # Replaced in one step: a process reading it meanwhile sees the old file or the new one.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(LOCAL_INSTANCE_YAML)
+    os.replace(partial, path)
 
 
 @dataclass
@@ -100,8 +138,8 @@ def default_loop(loops: dict[str, dict]) -> str:
 
 def open_loop(name: str | None = None, defs=None) -> LoopHandle:
     """The loop called `name` (default: `default_loop`) of the code location."""
-    from assets import Loop, loops_of
-    from resources.settings import GROUPS
+    from selfimprove_dagster.assets import Loop, loops_of
+    from selfimprove_dagster.resources.settings import GROUPS
 
     if defs is None:
         from selfimprove_dagster.definitions import build_definitions
@@ -123,14 +161,17 @@ def open_loop(name: str | None = None, defs=None) -> LoopHandle:
     return LoopHandle(defs, loop, resources, resources["storage"].store())
 
 
-def dagster_record(handle: LoopHandle):
-    """The instance's record of one loop's rounds, read against the code location."""
+def dagster_record(handle: LoopHandle, instance=None):
+    """The instance's record of one loop's rounds, read against the code location
+    (`instance`: one already open, else DAGSTER_HOME's; opening one costs a few tenths
+    of a second of storage checks)."""
     import dagster as dg
 
-    from assets.record import DagsterRecord, RoundGraph
+    from selfimprove_dagster.assets.record import DagsterRecord, RoundGraph
 
     graph = RoundGraph.of(handle.defs.get_repository_def(), handle.loop)
-    return DagsterRecord(dg.DagsterInstance.get(), graph, handle.store.chain_problem)
+    instance = instance or dg.DagsterInstance.get()
+    return DagsterRecord(instance, graph, handle.store.chain_problem)
 
 
 def gate_summary(state) -> str:
@@ -223,17 +264,31 @@ def format_status(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_rounds(loop: str | None, rounds: int) -> int:
+def run_rounds(loop: str | None, rounds: int, rerun_changed: bool = False) -> int:
     """Materialize round_000..round_{rounds-1} of a loop through its round job (skips
-    done rounds)."""
+    done rounds). Nothing is written to the data dir before the loop's settings pass
+    `preflight`. SIGINT, SIGTERM and SIGHUP stop it with one line on stderr and exit code
+    128 + the signal's number (130, 143, 129); the traces go to the Dagster run's log."""
     from selfimprove_dagster.engines.pool import POOL
+    from selfimprove_dagster.interrupts import Interrupted, SignalWitness, signal_name
 
-    handle = open_loop(loop)
-    preflight(handle)
-    try:
-        return _run_rounds(handle, rounds)
-    finally:
-        POOL.release()  # the engine kept across steps and rounds, before interpreter exit
+    with SignalWitness(quiet=True) as signals:
+        try:
+            handle = open_loop(loop)
+            preflight(handle)
+            instance = open_instance()
+            for line in mark_orphaned_runs(instance):
+                print(f"marked failed: {line}", file=sys.stderr)
+            return _run_rounds(handle, rounds, signals, rerun_changed, instance)
+        except Interrupted as stop:
+            print(
+                f"interrupted ({signal_name(stop.signum)}) before any round started; nothing "
+                "was run: `selfimprove run` starts where it would have",
+                file=signals.stderr,
+            )
+            return stop.exit_code
+        finally:
+            POOL.release()  # the engine kept across steps and rounds, before interpreter exit
 
 
 def round_to_run(record, key: str) -> str | None:
@@ -249,7 +304,7 @@ def round_to_run(record, key: str) -> str | None:
 
 def refuse_if_running(instance, handle: LoopHandle, key: str) -> None:
     """A second run of a round that is being materialized is refused."""
-    from assets.record import unfinished_round_runs
+    from selfimprove_dagster.assets.record import unfinished_round_runs
 
     running = unfinished_round_runs(instance, handle.loop, key)
     if running:
@@ -266,7 +321,7 @@ def refuse_if_running(instance, handle: LoopHandle, key: str) -> None:
 def settings_fingerprint(handle: LoopHandle) -> str:
     """The fingerprint of the loop's resolved settings (`resources.settings`): what a
     run of it launched here resolves, and records on every table it writes."""
-    from resources.settings import settings_fingerprint as fingerprint
+    from selfimprove_dagster.resources.settings import settings_fingerprint as fingerprint
 
     return fingerprint(handle.resources)
 
@@ -276,7 +331,7 @@ def steps_to_run(handle: LoopHandle, record, key: str, settings: str) -> list | 
     the steps whose tables are still current (same settings, built on the current
     parent, gates passed: `DagsterRecord.resume_point`) are kept and the round resumes
     at the first one that is not; None runs the whole round."""
-    from assets.record import round_steps
+    from selfimprove_dagster.assets.record import round_steps
 
     steps = round_steps(handle.defs.assets, handle.loop)
     start = record.resume_point(key, steps, settings)
@@ -287,44 +342,186 @@ def steps_to_run(handle: LoopHandle, record, key: str, settings: str) -> list | 
     return [asset_key for step in steps[start:] for asset_key in step.keys]
 
 
-def _run_rounds(handle: LoopHandle, rounds: int) -> int:
-    from assets.loop import LOOP_TAG
+def _run_rounds(
+    handle: LoopHandle, rounds: int, signals=None, rerun_changed: bool = False, instance=None
+) -> int:
+    """Run the rounds that are not done, in order; each under the round's claim (a lock in
+    the loop's data dir that the kernel releases when this process dies), so of several
+    `selfimprove run` started at once exactly one runs a round and the others are refused
+    with one line (or, arriving after it finished, find it done). `signals`: the
+    `SignalWitness` of `run_rounds` (a signal stops the round with one line); `instance`:
+    the open instance (default: DAGSTER_HOME's)."""
+    from selfimprove_dagster.interrupts import Interrupted
+    from selfimprove_dagster.locking import claim_round
 
-    job = handle.defs.resolve_job_def(handle.loop.job_name)
-    partitions = handle.loop.partitions.name
-    record = dagster_record(handle)
-    settings = settings_fingerprint(handle)
+    record = dagster_record(handle, instance)
     instance = record.instance
-    for index in range(rounds):
-        key = round_key(index)
-        why = round_to_run(record, key)
-        if why is None:
-            print(f"{key}: already complete, skipping")
-            continue
-        refuse_if_running(instance, handle, key)
-        if not instance.has_dynamic_partition(partitions, key):
-            instance.add_dynamic_partitions(partitions, [key])
-        reason = "" if why == "not started" else f" again ({why})"
-        print(f"{key}: running{reason} (Dagster run log: `make ui`)", flush=True)
-        selection = steps_to_run(handle, record, key, settings) if why != "not started" else None
-        result = job.execute_in_process(
-            partition_key=key,
-            instance=instance,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            # The code location's repository label: the run shows in the job's Runs tab
-            # and the Overview timeline of the UI, like a run launched there.
-            tags={LOOP_TAG: handle.name, REPOSITORY_TAG: REPOSITORY_LABEL},
-            asset_selection=selection,
-        )
-        record = dagster_record(handle)  # a fresh read of what the run recorded
-        if not result.success:
-            print(f"{key} failed: {run_failure_message(result)}", file=sys.stderr)
-            return 1
-        refresh_policy(handle, instance)
-        print(format_status([r for r in status_rows(handle, record) if r["round"] == key]))
-    print("\nRounds so far:\n" + format_status(status_rows(handle, record)), flush=True)
+    settings = settings_fingerprint(handle)
+    key = round_key(0)
+    try:
+        for index in range(rounds):
+            key = round_key(index)
+            if round_to_run(record, key) is None and not rerun_changed:
+                skip_done_round(handle, record, key)  # no claim needed: nothing to do
+                continue
+            with claim_round(handle.store.data_dir, handle.name, key, "selfimprove run"):
+                # Read again under the claim: a run that held it a moment ago may have
+                # finished the round.
+                record = dagster_record(handle, instance)
+                code = _run_round(handle, record, key, settings, signals, rerun_changed)
+            if code is not None:  # failed, or interrupted during its run (reported)
+                return code
+            if signals is not None and signals.first is not None:  # came after the run
+                return report_interrupt(handle, instance, key, signals.first, None, signals)
+            record = dagster_record(handle, instance)  # a fresh read of what the run recorded
+        print("\nRounds so far:\n" + format_status(status_rows(handle, record)), flush=True)
+    except Interrupted as stop:  # a signal outside a run's execution
+        return report_interrupt(handle, instance, key, stop.signum, None, signals)
     return 0
+
+
+def _run_round(handle: LoopHandle, record, key: str, settings: str, signals, rerun_changed):
+    """One round under its claim: skipped when done, refused when a run launched
+    elsewhere (the UI, a sensor) is materializing it, else run (resuming a failed run at
+    its first step that is not current). None when done or skipped; else the exit code."""
+    from selfimprove_dagster.assets.loop import LOOP_TAG
+
+    why = round_to_run(record, key)
+    if why is None:
+        changed = settings_change(handle, record, key)
+        if not (rerun_changed and changed):
+            skip_done_round(handle, record, key)
+            return None
+        why = f"its settings changed: {changed}"
+    instance = record.instance
+    refuse_if_running(instance, handle, key)
+    partitions = handle.loop.partitions.name
+    if not instance.has_dynamic_partition(partitions, key):
+        instance.add_dynamic_partitions(partitions, [key])
+    reason = "" if why == "not started" else f" again ({why})"
+    print(f"{key}: running{reason} (Dagster run log: `make ui`)", flush=True)
+    selection = steps_to_run(handle, record, key, settings) if why != "not started" else None
+    result = handle.defs.resolve_job_def(handle.loop.job_name).execute_in_process(
+        partition_key=key,
+        instance=instance,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        # The code location's repository label: the run shows in the job's Runs tab
+        # and the Overview timeline of the UI, like a run launched there.
+        tags={LOOP_TAG: handle.name, REPOSITORY_TAG: REPOSITORY_LABEL},
+        asset_selection=selection,
+    )
+    signum = signals.first if signals is not None else None
+    if signum is not None:
+        return report_interrupt(handle, instance, key, signum, result, signals)
+    if not result.success:
+        print(f"{key} failed: {run_failure_message(result)}", file=sys.stderr)
+        return 1
+    refresh_policy(handle, instance)
+    rows = status_rows(handle, dagster_record(handle, instance))
+    print(format_status([r for r in rows if r["round"] == key]))
+    return None
+
+
+def settings_change(handle: LoopHandle, record, key: str) -> str | None:
+    """How the loop's settings now differ from those the round's eval_scores was written
+    with (None: the same), e.g. "task.n_train = 100 (default 200); then: the defaults"."""
+    from selfimprove_dagster.assets.loop import CHANGES_KEY
+    from selfimprove_dagster.assets.record import written_with
+    from selfimprove_dagster.resources.settings import settings_changes
+
+    latest = record.latest(handle.loop.key("eval_scores"), key)
+    then = written_with(latest) if latest is not None else None
+    if then is None or then == settings_fingerprint(handle):
+        return None  # unrecorded (written before settings were recorded), or the same
+    recorded = latest.asset_materialization.metadata.get(CHANGES_KEY)
+    text = str(getattr(recorded, "value", recorded or ""))
+    before = {line.removeprefix("- ") for line in text.splitlines()} - {"(all defaults)"}
+    now = set(settings_changes(handle.resources))
+    added, removed = sorted(now - before), sorted(before - now)
+    return f"now {'; '.join(added) or 'the defaults'}, then {'; '.join(removed) or 'the defaults'}"
+
+
+def skip_done_round(handle: LoopHandle, record, key: str) -> None:
+    """A done round is kept as recorded; when it ran with other settings than these,
+    say so and how to run it again with these."""
+    from selfimprove_dagster.store.storage import round_index
+
+    changed = settings_change(handle, record, key)
+    if changed is None:
+        print(f"{key}: already complete, skipping")
+        return
+    rounds = round_index(key) + 1
+    print(
+        f"{key}: already complete with other settings ({changed}), kept as it is; to run "
+        f"it again with these settings: `selfimprove run --loop {handle.name} --rounds "
+        f"{rounds} --rerun-changed` (later rounds run again if its checkpoint changes)",
+        flush=True,
+    )
+
+
+def report_interrupt(handle: LoopHandle, instance, key: str, signum: int, result, signals) -> int:
+    """A signal stopped round `key`: one line (where it stopped, where `selfimprove run`
+    resumes), the reason recorded on the run, and the exit code 128 + signum."""
+    from selfimprove_dagster.interrupts import exit_code, signal_name
+
+    record = dagster_record(handle, instance)
+    step = interrupted_step(result) if result is not None else None
+    if step is not None:
+        where = f"during `{step}` of {key}"
+    elif round_to_run(record, key) is None:
+        where = f"after {key} finished"
+    else:
+        where = f"in {key}, outside its steps"
+    resume = resume_point_text(handle, record, key)
+    line = f"interrupted ({signal_name(signum)}) {where}; `selfimprove run` resumes at {resume}"
+    if result is not None:
+        record_interrupt(instance, result.run_id, line)
+        line += f" (run {result.run_id[:8]}: its log has the details)"
+    with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+        print(line, file=signals.stderr if signals is not None else sys.stderr, flush=True)
+    return exit_code(signum)
+
+
+def interrupted_step(result) -> str | None:
+    """The step a run was in when it was interrupted: the last one that started and did
+    not succeed."""
+    started, finished = [], set()
+    for event in result.all_events:
+        if event.event_type_value == "STEP_START":
+            started.append(event.step_key)
+        elif event.event_type_value == "STEP_SUCCESS":
+            finished.add(event.step_key)
+    running = [step for step in started if step not in finished]
+    return running[-1] if running else None
+
+
+def resume_point_text(handle: LoopHandle, record, key: str) -> str:
+    """Where the next `selfimprove run` starts, as `steps_to_run` will decide it."""
+    from selfimprove_dagster.assets.record import round_steps
+    from selfimprove_dagster.store.storage import round_index
+
+    if round_to_run(record, key) is None:
+        return round_key(round_index(key) + 1)
+    steps = round_steps(handle.defs.assets, handle.loop)
+    settings = settings_fingerprint(handle)
+    start = record.resume_point(key, steps, settings) if key in record.rounds() else 0
+    if 0 < start < len(steps):
+        return f"`{steps[start].name}` of {key}"
+    return f"the start of {key}"
+
+
+def record_interrupt(instance, run_id: str, reason: str) -> None:
+    """The run's record says why it stopped: a run Dagster left unfinished is marked
+    canceled with the reason; a finished one (failed by Dagster's own interrupt handling)
+    gets the reason as an engine event in its log."""
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        return
+    if run.is_finished:
+        instance.report_engine_event(reason, run)
+    else:
+        instance.report_run_canceled(run, message=reason)
 
 
 def refresh_policy(handle: LoopHandle, instance) -> None:
@@ -370,6 +567,11 @@ def mark_orphaned_runs(instance=None) -> list[str]:
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses)):
         pid = run_worker_pid(instance, run.run_id)
         if pid is None or process_alive(pid):
+            continue
+        # Read again now that its process is known gone: it may have finished the run
+        # (and exited) since the list was read; a dead process changes nothing any more.
+        run = instance.get_run_by_id(run.run_id)
+        if run is None or run.status not in statuses:
             continue
         where = run.tags.get("dagster/partition", "no partition")
         reason = (
@@ -453,7 +655,9 @@ def show_lineage(store: RoundStore, target: str, limit: int, as_json: bool) -> s
     from selfimprove_dagster.store.storage import ROUND_PATTERN
 
     if ROUND_PATTERN.match(target):
-        found = lineage.checkpoint_lineage(store, target)
+        # Text shows `limit` rows (and how many there are): a million-row round is one id
+        # join, not every row's text. JSON lists them all.
+        found = lineage.checkpoint_lineage(store, target, None if as_json else limit)
         if as_json:
             return json.dumps(found, indent=2, default=str)
         ckpt, rows = found["checkpoint"], found["trained_on"]
@@ -462,7 +666,7 @@ def show_lineage(store: RoundStore, target: str, limit: int, as_json: bool) -> s
             f"  trained from {ckpt['trained_from']} (policy {ckpt['policy']})",
             f"  {ckpt['train_examples']} examples, content hash {ckpt['content_hash'][:16]}, "
             f"{ckpt['optimizer_steps']} steps, final loss {ckpt['final_loss']:.4f}",
-            f"trained on {len(rows)} filtered rows (first {min(limit, len(rows))}):",
+            f"trained on {found['trained_on_count']} filtered rows (first {len(rows[:limit])}):",
             f"  {'generation_id':<17} {'round':<10} {'T':>4}  {'policy':<12} completion",
         ]
         for r in rows[:limit]:
@@ -553,7 +757,7 @@ def stop_group(pgid: int, grace: float = 20.0) -> None:
 
 def format_loops(defs) -> str:
     """`selfimprove loops`: one line per loop: name, method, task, base model, data dir."""
-    from assets import loops_of
+    from selfimprove_dagster.assets import loops_of
 
     loops = loops_of(defs)
     default = default_loop(loops) if loops else None
@@ -592,6 +796,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("loops", parents=[common], help="the loops of the code location")
     run = commands.add_parser("run", parents=[common], help="materialize rounds through Dagster")
     run.add_argument("--rounds", type=int, default=3, help="rounds to have completed")
+    run.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="run again the done rounds that ran with other settings than these",
+    )
     status = commands.add_parser("status", parents=[common], help="one line per completed round")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     lineage = commands.add_parser(
@@ -608,13 +817,16 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     args = parser.parse_args(argv)
 
-    use_data_dir(args.data_dir)
+    # The instance is created by the commands that read it, once past their checks: a
+    # refused `run` leaves no dagster_home/ behind.
+    use_data_dir(args.data_dir, create=False)
     try:
-        if args.command in ("run", "status", "ui"):
+        if args.command == "run":
+            return run_rounds(args.loop, args.rounds, args.rerun_changed)
+        if args.command in ("status", "ui"):
+            open_instance()
             for line in mark_orphaned_runs():
                 print(f"marked failed: {line}", file=sys.stderr)
-        if args.command == "run":
-            return run_rounds(args.loop, args.rounds)
         if args.command == "ui":
             return start_ui(args.port)
         if args.command == "loops":

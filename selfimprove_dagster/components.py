@@ -20,9 +20,9 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
-from assets import LoopSpec, build_loop
-from resources.settings import group_model, resolve_settings
+from selfimprove_dagster.assets import LoopSpec, build_loop
 from selfimprove_dagster.profiles import active_profile
+from selfimprove_dagster.resources.settings import group_model, resolve_settings
 
 TaskSettings = group_model("task")
 GeneratorSettings = group_model("generator")

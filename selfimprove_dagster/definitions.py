@@ -14,10 +14,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import loops_of
-from assets.experiments import experiments_definitions
-from resources.env import check_environment
+from selfimprove_dagster.assets import loops_of
+from selfimprove_dagster.assets.experiments import experiments_definitions
 from selfimprove_dagster.profiles import Profile, active_profile
+from selfimprove_dagster.resources.env import check_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -356,14 +356,20 @@ def promotion(history: pl.DataFrame, tolerance: float = 0.0) -> Promotion:
 HISTORY_COLUMNS = ("round", "kept", "accuracy_before", "accuracy_after", "pass_at_k")
 
 
-def history_table(history: pl.DataFrame, promoted: str | None = None) -> pl.DataFrame:
-    """The history as shown in the UI: one row per round, its headline figures and
-    whether it is the promoted one (columns missing from old rounds are null)."""
+def history_table(
+    history: pl.DataFrame, promoted: str | None = None, done: Sequence[str] | None = None
+) -> pl.DataFrame:
+    """The history as shown in the UI: one row per round, its headline figures, whether
+    it is done (with `done`: gates passed, chain current) and whether it is the
+    promoted one (columns missing from old rounds are null)."""
     rounds = in_round_order(history)
     if rounds.height == 0:
         return pl.DataFrame(schema={name: pl.Utf8 for name in HISTORY_COLUMNS})
     present = [name for name in HISTORY_COLUMNS if name in rounds.columns]
-    return rounds.select(present).with_columns(promoted=pl.col("round") == (promoted or ""))
+    table = rounds.select(present)
+    if done is not None:
+        table = table.with_columns(done=pl.col("round").is_in(list(done)))
+    return table.with_columns(promoted=pl.col("round") == (promoted or ""))
 
 
 PROMOTION_SCHEMA = {

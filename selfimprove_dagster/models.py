@@ -89,9 +89,55 @@ def _files_sha256(folder: Path, globs: tuple[str, ...]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+# Adapter config keys that say where the base model was, not what it is (the manifest's
+# `parent` names the base model by content): left out of the adapter's identity.
+LOCATION_KEYS = ("base_model_name_or_path",)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.*"
+
+
+def canonical_adapter_config(config: Any) -> Any:
+    """An adapter config as its identity sees it: no location keys, no absolute paths,
+    and lists of names or numbers sorted (PEFT writes `target_modules` from a set, in an
+    order that changes from process to process). Key order is settled by the hash."""
+    if isinstance(config, dict):
+        return {
+            key: canonical_adapter_config(value)
+            for key, value in config.items()
+            if key not in LOCATION_KEYS and not (isinstance(value, str) and os.path.isabs(value))
+        }
+    if isinstance(config, list):
+        items = [canonical_adapter_config(item) for item in config]
+        if all(isinstance(item, str | int | float | bool) or item is None for item in items):
+            return sorted(items, key=lambda item: json.dumps(item))
+        return items
+    return config
+
+
 def adapter_sha256(checkpoint_dir: Path) -> str:
-    """Content hash of a checkpoint's adapter (weights and adapter config)."""
-    return _files_sha256(Path(checkpoint_dir), ("adapter_config.json", "adapter_model.*"))
+    """A checkpoint adapter's identity: the sha256 of its weight files' bytes and of
+    its config in canonical form (`canonical_adapter_config`: sorted, no absolute
+    paths). Identical training gives an identical identity, wherever the data dir or
+    the base model lives; any change to the weights or to a setting changes it."""
+    folder = Path(checkpoint_dir)
+    config_file = folder / ADAPTER_CONFIG
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    canonical = json.dumps(canonical_adapter_config(config), sort_keys=True, separators=(",", ":"))
+    weights = sorted(f for f in folder.glob(ADAPTER_WEIGHTS) if f.is_file())
+    lines = [f"{ADAPTER_CONFIG}\x00{hashlib.sha256(canonical.encode()).hexdigest()}"]
+    lines += [f"{f.name}\x00{_cached_file_sha256(f)}" for f in weights]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def legacy_adapter_sha256(checkpoint_dir: Path) -> str:
+    """The adapter hash checkpoints recorded before identities were canonical (the
+    config file's bytes, absolute base path included): still verifies them."""
+    return _files_sha256(Path(checkpoint_dir), (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+
+
+def adapter_unchanged(checkpoint_dir: Path, recorded: str) -> bool:
+    """Whether a checkpoint's adapter is still the one whose identity was `recorded`."""
+    return recorded in (adapter_sha256(checkpoint_dir), legacy_adapter_sha256(checkpoint_dir))
 
 
 def model_identity(ref: str, models_dir: Path) -> dict[str, str]:
@@ -113,20 +159,26 @@ def model_identity(ref: str, models_dir: Path) -> dict[str, str]:
 
 def model_ref_identity(ref: str, models_dir: Path) -> dict[str, str]:
     """What a checkpoint was trained from (or sampled with): a checkpoint names its
-    round and adapter hash, anything else its `model_identity`."""
+    round and adapter hash, anything else its `model_identity`. A checkpoint of the data
+    dir that `models_dir` belongs to is referenced as its sibling (`../round_003`), so
+    the manifest holding this identity does not depend on where the data dir lives."""
     path = Path(ref).expanduser()
     if is_checkpoint(path):
         manifest = read_manifest(path)
+        checkpoints = os.path.join(os.path.dirname(os.path.abspath(models_dir)), "checkpoints")
+        sibling = os.path.dirname(os.path.abspath(path)) == checkpoints
         return {
             "kind": "checkpoint",
-            "ref": os.path.abspath(path),
+            "ref": f"../{path.name}" if sibling else os.path.abspath(path),
             "round": str(manifest.get("round", path.name)),
             "adapter_sha256": manifest.get("adapter_sha256") or adapter_sha256(path),
         }
     return model_identity(ref, models_dir)
 
 
-def _identity_problem(recorded: dict, ref: str, what: str, name: str, models_dir: Path):
+def _identity_problem(
+    recorded: dict, ref: str, what: str, name: str, models_dir: Path, seen: dict | None = None
+):
     """Why `ref` is no longer the model `recorded` names (None: it still is)."""
     path = Path(ref).expanduser()
     if recorded.get("kind") == "checkpoint":
@@ -140,7 +192,7 @@ def _identity_problem(recorded: dict, ref: str, what: str, name: str, models_dir
                 f"{str(recorded.get('adapter_sha256'))[:12]}, but {recorded.get('round')} is "
                 f"now {now[:12]} (re-materialized)"
             )
-        return checkpoint_problem(path, models_dir)
+        return checkpoint_problem(path, models_dir, seen)
     if recorded.get("sha256") in (None, "unhashed"):
         return None
     try:
@@ -152,42 +204,74 @@ def _identity_problem(recorded: dict, ref: str, what: str, name: str, models_dir
     return None
 
 
-def checkpoint_problem(checkpoint_dir: Path, models_dir: Path) -> str | None:
+def checkpoint_problem(
+    checkpoint_dir: Path, models_dir: Path, seen: dict | None = None
+) -> str | None:
     """None when a checkpoint's chain verifies: its adapter, the policy that sampled its
     data and the model it was trained on (recursively, down to the base model) are
     the ones its manifest recorded. Otherwise one line saying what changed.
-    Checkpoints written before identities were recorded are not verified."""
+    Checkpoints written before identities were recorded are not verified.
+
+    `seen` memoizes verdicts by published version folder (a new publish is a new
+    folder), so checking every round of a long chain verifies each link once, not once
+    per later round."""
+    key = os.path.realpath(checkpoint_dir)
+    if seen is not None and key in seen:
+        return seen[key]
+    problem = _checkpoint_problem(Path(checkpoint_dir), models_dir, seen)
+    if seen is not None:
+        seen[key] = problem
+    return problem
+
+
+def _checkpoint_problem(checkpoint_dir: Path, models_dir: Path, seen: dict | None) -> str | None:
     path = Path(checkpoint_dir)
     manifest = read_manifest(path)
     name = str(manifest.get("round", path.name))
     recorded = manifest.get("adapter_sha256")
     if not recorded:
         return None
-    if adapter_sha256(path) != recorded:
+    if not adapter_unchanged(path, recorded):
         return f"{name}'s adapter changed since it was trained (its hash is not the recorded one)"
     parent = manifest.get("parent")
     if parent:
-        problem = _identity_problem(parent, trained_from(path), "parent", name, models_dir)
+        problem = _identity_problem(parent, trained_from(path), "parent", name, models_dir, seen)
         if problem:
             return problem
     policy = manifest.get("policy_identity")
     if policy and policy.get("kind") == "checkpoint":
         policy_ref = _policy_ref(path, policy)
         if os.path.abspath(policy_ref) != os.path.abspath(trained_from(path)):
-            return _identity_problem(policy, policy_ref, "the data of policy", name, models_dir)
+            what = "the data of policy"
+            return _identity_problem(policy, policy_ref, what, name, models_dir, seen)
     return None
 
 
 def _policy_ref(checkpoint_dir: Path, policy: dict) -> str:
-    """Where the checkpoint that sampled a round's data is now: the recorded absolute
-    reference when it is another data dir's checkpoint that still exists (e.g. a
-    previous run's round used as the base model), else the sibling of that round in
-    this checkpoint's folder (so a moved data dir still verifies)."""
-    sibling = os.path.normpath(os.path.join(os.path.abspath(checkpoint_dir), "..", policy["round"]))
-    recorded = policy.get("ref")
-    if recorded and Path(recorded).parent != Path(sibling).parent and is_checkpoint(Path(recorded)):
-        return recorded
-    return sibling
+    """Where the checkpoint that sampled a round's data is now. A sibling reference
+    (`../round_003`) resolves beside this checkpoint. An absolute one (another data
+    dir's checkpoint, e.g. a previous run's round used as the base model, or a manifest
+    from before sibling references) is used while it exists, unless the sibling of that
+    round holds the recorded adapter: a copied data dir verifies against its own
+    checkpoints, never the original's."""
+    folder = os.path.abspath(checkpoint_dir)
+    recorded = policy.get("ref") or ""
+    if recorded.startswith("../"):
+        return os.path.normpath(os.path.join(folder, recorded))
+    sibling = os.path.normpath(os.path.join(folder, "..", policy["round"]))
+    if not recorded or Path(recorded).parent == Path(sibling).parent:
+        return sibling
+    if _holds_adapter(Path(sibling), policy.get("adapter_sha256")):
+        return sibling
+    return recorded if is_checkpoint(Path(recorded)) else sibling
+
+
+def _holds_adapter(path: Path, adapter: str | None) -> bool:
+    return (
+        bool(adapter)
+        and is_checkpoint(path)
+        and read_manifest(path).get("adapter_sha256") == adapter
+    )
 
 
 def verify_checkpoint(checkpoint_dir: Path, models_dir: Path) -> None:

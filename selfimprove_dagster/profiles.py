@@ -150,7 +150,8 @@ GPU = Profile(
     "with LoRARequest), LoRA training on CUDA",
     executor="in_process",
     defaults={
-        "generator": {"engine": "vllm", "batch_size": 256},
+        # With SELFIMPROVE_POOL=ray each Ray worker's vLLM engine holds one GPU.
+        "generator": {"engine": "vllm", "batch_size": 256, "ray_gpus_per_worker": 1},
         # grpo/rloo rounds generate their rollouts with TRL's vLLM (colocate) on the GPU.
         "trainer": {"device": "cuda", "rl_use_vllm": True},
     },

@@ -10,8 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from resources import StorageResource
 from selfimprove_dagster.engines.base import Completion, GenerationEngine, Sampling
+from selfimprove_dagster.resources import StorageResource
 from selfimprove_dagster.sources.tasks import make_task
 from selfimprove_dagster.store.storage import RoundStore
 
@@ -184,8 +184,8 @@ def loop_definitions(resources: dict, name: str = TEST_LOOP, extra_assets=(), ch
     groups left out get their defaults. Returns (definitions, loop)."""
     import dagster as dg
 
-    from assets import Loop, LoopSpec, build_loop
-    from resources.settings import GROUPS
+    from selfimprove_dagster.assets import Loop, LoopSpec, build_loop
+    from selfimprove_dagster.resources.settings import GROUPS
 
     spec = LoopSpec(name, {group: resources.get(group) or cls() for group, cls in GROUPS.items()})
     defs = build_loop(spec)
@@ -232,8 +232,8 @@ def materialize_steps(resources: dict, key: str, instance, steps, name: str = TE
 def stand_in_loop(store: RoundStore, name: str = TEST_LOOP, **groups):
     """A loop over the stub `store` (other groups: defaults, or `groups`), for tests of
     sensors, policy assets and the CLI over stand-in steps."""
-    from assets import Loop, LoopSpec
-    from resources.settings import GROUPS
+    from selfimprove_dagster.assets import Loop, LoopSpec
+    from selfimprove_dagster.resources.settings import GROUPS
 
     resources = {group: groups.get(group) or cls() for group, cls in GROUPS.items()}
     resources["storage"] = StubStorageResource(data_dir=str(store.data_dir))
@@ -242,9 +242,9 @@ def stand_in_loop(store: RoundStore, name: str = TEST_LOOP, **groups):
 
 def loop_handle(defs, store: RoundStore, name: str = TEST_LOOP):
     """The CLI's handle on a stand-in loop of `defs`."""
-    from assets import Loop
-    from resources.settings import GROUPS
+    from selfimprove_dagster.assets import Loop
     from selfimprove_dagster.cli import LoopHandle
+    from selfimprove_dagster.resources.settings import GROUPS
 
     loop = Loop(name)
     resources = {g: defs.resources[loop.resource_key(g)] for g in GROUPS}

@@ -7,9 +7,9 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets.checks import GATES, RL_ONLY_CHECKS
-from assets.critique import critiques_asset
-from resources import (
+from selfimprove_dagster.assets.checks import GATES, RL_ONLY_CHECKS
+from selfimprove_dagster.assets.critique import critiques_asset
+from selfimprove_dagster.resources import (
     EvolutionResource,
     GatesResource,
     GeneratorResource,

@@ -151,3 +151,76 @@ def test_a_failed_training_leaves_the_previous_checkpoint_and_no_temp_folder(cha
         train_lora_sft("x", [], TrainParams(), chain.checkpoint_dir("round_001"), chain.models_dir)
     assert os.readlink(chain.checkpoint_dir("round_001")) == before
     assert not [p for p in chain.checkpoints_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+# --- identity is content ------------------------------------------------------------------
+
+
+def _adapter(folder: Path, config: dict, weights: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_identity_ignores_where_the_base_model_was_and_the_module_order(tmp_path):
+    from selfimprove_dagster.models import adapter_sha256
+
+    config = {"r": 16, "lora_alpha": 32, "peft_type": "LORA", "task_type": "CAUSAL_LM"}
+    one = _adapter(
+        tmp_path / "one",
+        config
+        | {"base_model_name_or_path": "/data/a/var/models/x", "target_modules": ["q", "k", "v"]},
+        b"same weights",
+    )
+    two = _adapter(
+        tmp_path / "two",
+        {"target_modules": ["v", "q", "k"], "base_model_name_or_path": "/elsewhere/models/x"}
+        | config,
+        b"same weights",
+    )
+    assert adapter_sha256(one) == adapter_sha256(two)
+    other_weights = _adapter(tmp_path / "w", config | {"target_modules": ["q"]}, b"other")
+    other_setting = _adapter(
+        tmp_path / "s", config | {"r": 8, "target_modules": ["q", "k", "v"]}, b"same weights"
+    )
+    identities = {adapter_sha256(p) for p in (one, other_weights, other_setting)}
+    assert len(identities) == 3  # weights and settings are the identity
+
+
+def test_training_twice_gives_one_identity(trained, tiny_model, tmp_path, monkeypatch):
+    """Identical training in another data dir, from a copy of the base model at another
+    absolute path: the same adapter identity (the issue saw 8 different ones)."""
+    store = RoundStore(tmp_path / "elsewhere" / "var")
+    store.data_dir.mkdir(parents=True)
+    (store.data_dir / "models").symlink_to(trained.models_dir.resolve())
+    shutil.copytree(tiny_model, tmp_path / "elsewhere" / "my-model")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = _train(store, "round_000", "./my-model")
+    first = read_manifest(trained.checkpoint_dir("round_000"))
+    assert again["trained_from"] != first["trained_from"]  # another absolute base path
+    assert again["adapter_sha256"] == first["adapter_sha256"]
+    assert store.chain_problem("round_000") is None
+    # The hash of the config's bytes (the identity before) told them apart.
+    from selfimprove_dagster.models import legacy_adapter_sha256
+
+    assert legacy_adapter_sha256(store.checkpoint_dir("round_000")) != legacy_adapter_sha256(
+        trained.checkpoint_dir("round_000")
+    )
+
+
+def test_checkpoints_recorded_with_the_old_identity_still_verify(chain):
+    from selfimprove_dagster.models import legacy_adapter_sha256
+
+    folder = chain.checkpoint_version_dir("round_000")
+    manifest = read_manifest(folder)
+    manifest["adapter_sha256"] = legacy_adapter_sha256(folder)  # as written before
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert checkpoint_problem(folder, chain.models_dir) is None
+    (folder / "adapter_model.safetensors").write_bytes(b"tampered")
+    assert "adapter changed" in checkpoint_problem(folder, chain.models_dir)
+
+
+def test_a_manifest_names_sibling_checkpoints_relatively(chain):
+    manifest = read_manifest(chain.checkpoint_dir("round_001"))
+    assert manifest["parent"]["ref"] == "../round_000"  # no absolute path of the data dir

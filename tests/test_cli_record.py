@@ -8,9 +8,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets.loop import Loop
-from assets.policy import policy_definitions
 from selfimprove_dagster import cli
+from selfimprove_dagster.assets.loop import Loop
+from selfimprove_dagster.assets.policy import policy_definitions
 from selfimprove_dagster.errors import SelfImproveError
 from tests.conftest import StubStore, loop_handle, stand_in_loop
 
@@ -133,7 +133,7 @@ def test_a_second_run_of_a_materializing_round_is_refused(handle, defs, store):
 
 @dg.asset(partitions_def=ROUNDS, key=LOOP.key("prompts"), required_resource_keys={"t_storage"})
 def stand_in_first_step(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    from assets.record import check_round_order
+    from selfimprove_dagster.assets.record import check_round_order
 
     check_round_order(LOOP.step(context))  # what the real `prompts` does first
     return dg.MaterializeResult()
@@ -165,7 +165,7 @@ def test_a_backfilled_round_refuses_to_start_before_its_parent_is_done(store):
 
 
 def test_every_model_loading_step_is_in_the_model_pool():
-    from assets.rounds import round_assets
+    from selfimprove_dagster.assets.rounds import round_assets
     from selfimprove_dagster.profiles import MODEL_POOL
     from tests.conftest import loop_definitions
 

@@ -9,10 +9,10 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets.loop import Loop
-from assets.record import round_steps
-from resources import TaskResource
 from selfimprove_dagster import cli
+from selfimprove_dagster.assets.loop import Loop
+from selfimprove_dagster.assets.record import round_steps
+from selfimprove_dagster.resources import TaskResource
 from tests.conftest import StubStore, loop_handle, stand_in_loop
 
 CALLS = {"generations": 0, "eval_scores": 0}
@@ -187,7 +187,7 @@ def test_a_run_with_other_settings_is_not_resumed_as_the_same(handle, defs, stor
 
 
 def test_the_settings_fingerprint_is_the_loops_resolved_settings(handle):
-    from resources.settings import settings_fingerprint
+    from selfimprove_dagster.resources.settings import settings_fingerprint
 
     assert cli.settings_fingerprint(handle) == settings_fingerprint(handle.resources)
     other = {**handle.resources, "task": TaskResource(n_train=7)}

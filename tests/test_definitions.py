@@ -33,12 +33,31 @@ def test_definitions_load_two_loops_each_with_six_steps_checks_and_job():
     }
 
 
-def test_generic_package_names_resolve_to_this_repo():
-    import assets
-    import resources
+def test_the_dagster_layers_resolve_to_this_repo_under_the_package():
+    """Imported as selfimprove_dagster.assets / .resources (never by the generic top-level
+    names, which a user's own packages may hold): the repo's folders in a checkout."""
+    from selfimprove_dagster import assets, resources
 
     assert assets.__file__.startswith(str(REPO / "assets"))
     assert resources.__file__.startswith(str(REPO / "resources"))
+
+
+def test_no_code_imports_the_generic_top_level_names():
+    import re
+
+    generic = re.compile(r"^\s*(from|import) (assets|resources)\b", re.M)
+    offenders = [
+        str(path.relative_to(REPO))
+        for folder in ("selfimprove_dagster", "assets", "resources", "tests", "benchmarks")
+        for path in (REPO / folder).rglob("*.py")
+        if generic.search(path.read_text()) and path.name != "test_install.py"
+    ]  # test_install.py writes a user's project, whose own `assets` package it imports
+    assert offenders == []
+
+
+CORE_TOP = {
+    p.stem for p in (REPO / "selfimprove_dagster").iterdir() if p.suffix == ".py" or p.is_dir()
+}
 
 
 def _core_modules() -> list[str]:
@@ -50,8 +69,11 @@ def _core_modules() -> list[str]:
     names = [
         m.name for m in pkgutil.walk_packages(selfimprove_dagster.__path__, "selfimprove_dagster.")
     ]
-    entry_points = ("definitions", "cli", "components", "defs")
-    return [n for n in names if n.split(".")[1] not in entry_points]
+    # Entry points and the Dagster layers (found through the package's search path).
+    above_the_core = ("definitions", "cli", "components", "defs", "assets", "resources")
+    return [
+        n for n in names if n.split(".")[1] in CORE_TOP and n.split(".")[1] not in above_the_core
+    ]
 
 
 def test_core_import_loads_neither_torch_nor_dagster():
@@ -80,8 +102,8 @@ def test_env_overrides_reach_the_default_loop_only(monkeypatch):
 def test_env_override_of_the_wrong_type_names_the_variable_and_the_loop(monkeypatch):
     import pytest
 
-    from resources.settings import resolve_settings
     from selfimprove_dagster.errors import SelfImproveError
+    from selfimprove_dagster.resources.settings import resolve_settings
 
     environ = {"SELFIMPROVE_N_TRAIN": "many"}
     expected = "loop `demo`: SELFIMPROVE_N_TRAIN='many' \\(sets task.n_train"
@@ -90,7 +112,7 @@ def test_env_override_of_the_wrong_type_names_the_variable_and_the_loop(monkeypa
 
 
 def test_env_override_of_a_list_field():
-    from resources.settings import resolve_settings
+    from selfimprove_dagster.resources.settings import resolve_settings
 
     environ = {"SELFIMPROVE_TEMPERATURE_GRID": "0.5,0.7"}
     evolution = resolve_settings("demo", {}, "SELFIMPROVE_", environ)["evolution"]
@@ -98,7 +120,7 @@ def test_env_override_of_a_list_field():
 
 
 def test_yaml_beats_the_environment_and_the_environment_beats_the_profile():
-    from resources.settings import resolve_settings
+    from selfimprove_dagster.resources.settings import resolve_settings
 
     environ = {"SELFIMPROVE_N_TRAIN": "17", "SELFIMPROVE_ENGINE": "openai"}
     profile = {"generator": {"engine": "vllm", "batch_size": 256}}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from resources import (
+from selfimprove_dagster.engines.base import Sampling
+from selfimprove_dagster.engines.pool import POOL, EnginePool, LentEngine
+from selfimprove_dagster.methods import checkpoint as checkpoint_step
+from selfimprove_dagster.resources import (
     EvolutionResource,
     GatesResource,
     GeneratorResource,
@@ -14,9 +17,6 @@ from resources import (
     TaskResource,
     TrainerResource,
 )
-from selfimprove_dagster.engines.base import Sampling
-from selfimprove_dagster.engines.pool import POOL, EnginePool, LentEngine
-from selfimprove_dagster.methods import checkpoint as checkpoint_step
 from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import ScriptedEngine, materialize_round, materialize_steps
 

@@ -127,7 +127,7 @@ def test_a_rationale_rollout_cut_off_at_the_limit_earns_no_last_number_reward():
 
 
 def test_the_trainer_resource_rejects_cut_off_rollouts_only_in_rationale_rounds():
-    from resources import TrainerResource
+    from selfimprove_dagster.resources import TrainerResource
 
     trainer = TrainerResource()
     assert trainer.rl_params("rationale").reject_cut_off
@@ -388,8 +388,8 @@ def test_use_vllm_without_vllm_names_the_extra(tiny_model, models_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def grpo_round(tiny_model, models_dir, tmp_path_factory):
-    from assets.checks import GATES
-    from resources import (
+    from selfimprove_dagster.assets.checks import GATES
+    from selfimprove_dagster.resources import (
         EvolutionResource,
         GatesResource,
         MethodResource,

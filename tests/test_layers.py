@@ -22,12 +22,16 @@ def layer_table() -> list[tuple[int, str, list[str]]]:
 
 
 def project_modules() -> dict[str, Path]:
+    """Module name -> file; the Dagster layers under their import names
+    (`selfimprove_dagster.assets...`, `selfimprove_dagster.resources...`)."""
     found = {}
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
             parts = list(path.relative_to(REPO).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
+            if package != "selfimprove_dagster":
+                parts = ["selfimprove_dagster", *parts]
             found[".".join(parts)] = path
     return found
 
@@ -74,9 +78,11 @@ def import_edges():
     modules = project_modules()
     for module, path in modules.items():
         for name, line in imported_names(path, module):
-            target = resolve(name, modules) if name.split(".")[0] in PACKAGES else None
-            # A package importing its own submodules (re-exports) is not an edge upward.
-            if target and target != module and not target.startswith(module + "."):
+            target = resolve(name, modules) if name.split(".")[0] == "selfimprove_dagster" else None
+            # A package importing its own submodules (re-exports) is not an edge upward;
+            # nor is a module's import of the root package (it only names a subpackage).
+            own = target is not None and (target == module or target.startswith(module + "."))
+            if target and not own and target != "selfimprove_dagster":
                 yield module, target, f"{path.relative_to(REPO)}:{line}"
 
 
@@ -108,7 +114,8 @@ def test_the_core_imports_no_dagster():
             continue
         for name, line in imported_names(path, module):
             top = name.split(".")[0]
-            if top == "dagster" or top.startswith("dagster_") or top in ("assets", "resources"):
+            layer = name.split(".")[1] if top == "selfimprove_dagster" and "." in name else ""
+            if top == "dagster" or top.startswith("dagster_") or layer in ("assets", "resources"):
                 found.append(f"{path.relative_to(REPO)}:{line}: {module} imports {name}")
     assert not found, "core modules importing the Dagster layers:\n" + "\n".join(found)
 

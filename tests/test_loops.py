@@ -9,11 +9,11 @@ import pytest
 import yaml
 from dagster.components.testing import create_defs_folder_sandbox
 
-from assets import Loop, LoopSpec, build_loop
-from resources import MethodResource, StorageResource
-from resources.settings import GROUPS
+from selfimprove_dagster.assets import Loop, LoopSpec, build_loop
 from selfimprove_dagster.components import SelfImproveLoop
 from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.resources import MethodResource, StorageResource
+from selfimprove_dagster.resources.settings import GROUPS
 
 
 def spec(name: str, data_dir, **groups) -> LoopSpec:
@@ -115,3 +115,21 @@ def test_env_templating_and_ranges_in_yaml(monkeypatch):
         with pytest.raises(Exception) as error, loading:  # noqa: B017
             pass
         assert "Invalid setting in loop `templated`: task.n_train=0 from" in messages(error.value)
+
+
+def test_the_add_round_job_adds_the_next_partition_from_the_launchpad(tmp_path):
+    defs = build_loop(spec("l", tmp_path))
+    job = defs.resolve_job_def("l_add_round_job")
+    with dg.instance_for_test() as instance:
+        assert job.execute_in_process(instance=instance).success
+        named = {"ops": {"l_add_round": {"config": {"round": "round_005"}}}}
+        assert job.execute_in_process(instance=instance, run_config=named).success
+        assert job.execute_in_process(instance=instance).success
+        assert instance.get_dynamic_partitions("l_rounds") == [
+            "round_000",
+            "round_005",
+            "round_006",
+        ]
+        bad = {"ops": {"l_add_round": {"config": {"round": "r7"}}}}
+        result = job.execute_in_process(instance=instance, run_config=bad, raise_on_error=False)
+        assert not result.success

@@ -10,8 +10,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets.checks import GATES, RL_ONLY_CHECKS
-from resources import (
+from selfimprove_dagster.assets.checks import GATES, RL_ONLY_CHECKS
+from selfimprove_dagster.engines.base import Completion
+from selfimprove_dagster.resources import (
     EvolutionResource,
     GatesResource,
     GeneratorResource,
@@ -20,7 +21,6 @@ from resources import (
     TaskResource,
     TrainerResource,
 )
-from selfimprove_dagster.engines.base import Completion
 from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import ScriptedEngine, materialize_round, node
 

@@ -267,7 +267,7 @@ def test_a_round_through_the_server_with_faults(embedded_folder, models_dir, tmp
 
 
 def _round_through(server, base_model, models_dir, tmp_path):
-    from resources import (
+    from selfimprove_dagster.resources import (
         EvolutionResource,
         GatesResource,
         GeneratorResource,

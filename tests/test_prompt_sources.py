@@ -313,7 +313,7 @@ def test_a_dataset_in_a_source_mix_keeps_its_answer_format_and_verifier():
     # With `sources`, each source's share is loaded through TaskResource.source_problems:
     # a CommonsenseQA share asks for a rationale and keeps its multiple-choice verifier,
     # and the built-in task's share keeps the numeric one.
-    from resources.task import TaskResource
+    from selfimprove_dagster.resources.task import TaskResource
     from tests.conftest import SHARED_DATA
 
     task = TaskResource(

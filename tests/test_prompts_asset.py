@@ -10,7 +10,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from resources import (
+from selfimprove_dagster.resources import (
     EvolutionResource,
     GatesResource,
     GeneratorResource,

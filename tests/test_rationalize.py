@@ -157,7 +157,7 @@ def test_truncation_warning_names_the_share_and_the_setting():
 
 
 def test_rationale_format_raises_the_token_budget_unless_set():
-    from resources.settings import resolve_settings
+    from selfimprove_dagster.resources.settings import resolve_settings
 
     def generator(environ):
         return resolve_settings("demo", {}, "SELFIMPROVE_", environ)["generator"]

@@ -16,10 +16,10 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets.loop import Loop, LoopSpec
-from assets.sensors import describe_round_failure, loop_sensors
-from resources import EvolutionResource
-from resources.settings import GROUPS
+from selfimprove_dagster.assets.loop import Loop, LoopSpec
+from selfimprove_dagster.assets.sensors import describe_round_failure, loop_sensors
+from selfimprove_dagster.resources import EvolutionResource
+from selfimprove_dagster.resources.settings import GROUPS
 from selfimprove_dagster.store.storage import RoundStore
 from tests.conftest import STORES, StubStorageResource, StubStore
 
@@ -328,7 +328,7 @@ def test_refuses_to_build_on_a_broken_checkpoint_chain(instance, store):
 
 
 def test_the_record_reads_a_real_run(instance, store):
-    from assets.record import DagsterRecord, RoundGraph
+    from selfimprove_dagster.assets.record import DagsterRecord, RoundGraph
 
     instance.add_dynamic_partitions(ROUNDS.name, ["round_000", "round_001"])
     assert run_round(instance, store, "round_000").success

@@ -8,11 +8,16 @@ import dagster as dg
 import pytest
 from pydantic import Field
 
-from resources import EvolutionResource, GeneratorResource, TaskResource, TrainerResource
-from resources.env import check_environment, known_variables, shared_variables
-from resources.settings import GROUPS, resolve_settings
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.profiles import CLUSTER
+from selfimprove_dagster.resources import (
+    EvolutionResource,
+    GeneratorResource,
+    TaskResource,
+    TrainerResource,
+)
+from selfimprove_dagster.resources.env import check_environment, known_variables, shared_variables
+from selfimprove_dagster.resources.settings import GROUPS, resolve_settings
 
 
 def from_env(cls, environ):

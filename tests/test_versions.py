@@ -205,3 +205,65 @@ def test_gc_command_lists_then_deletes(tmp_path, capsys, monkeypatch):
     assert main(["gc", "--data-dir", str(tmp_path)]) == 0
     assert "deleted 1 old version(s)" in capsys.readouterr().out
     assert not old.folder.exists() and store.read("round_000", "filtered")["tag"][0] == "b"
+
+
+# --- a full disk ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only: the test is skipped elsewhere, and says so)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root: the full-disk publish test is skipped")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]
+    done = subprocess.run(mount, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): full-disk test skipped")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def _ids_frame(rows: int, seed: int) -> pl.DataFrame:
+    import random
+
+    rng = random.Random(seed)  # random hex: Parquet cannot compress it below the disk size
+    return pl.DataFrame(
+        {
+            "round": "round_000",
+            "generation_id": [f"{rng.getrandbits(64):016x}" for _ in range(rows)],
+        }
+    )
+
+
+def test_a_full_disk_publish_is_one_line_and_keeps_the_previous_version(small_disk):
+    store = RoundStore(small_disk)
+    first = store.publish("round_000", "generations", {"generations": _ids_frame(100, 0)})
+    step = small_disk / "rounds/round_000/generations"
+    with pytest.raises(SelfImproveError) as error:
+        store.publish("round_000", "generations", {"generations": _ids_frame(200_000, 1)})
+    message = str(error.value)
+    assert "\n" not in message
+    assert "No space left on device" in message and str(step) in message
+    assert "needed about" in message and "free there" in message
+    assert "Fix: free space on that disk (`selfimprove gc` removes old versions)" in message
+    assert not [p for p in step.iterdir() if p.name.startswith(versions.TMP_PREFIX)]
+    assert store.current("round_000", "generations").version == first.version
+    assert store.read("round_000", "generations").equals(_ids_frame(100, 0))
+    # Once there is space, the next publish goes through.
+    second = store.publish("round_000", "generations", {"generations": _ids_frame(200, 2)})
+    assert store.current("round_000", "generations").version == second.version
+
+
+def test_a_pointer_that_does_not_fit_leaves_the_old_one(small_disk):
+    pointer = small_disk / "current.json"
+    pointer.write_text('{"version": "old"}')
+    with pytest.raises(SelfImproveError, match=r"No space left on device.*needed about 2 MiB"):
+        versions.replace_file_atomic(pointer, b"x" * (2 << 20))
+    assert pointer.read_text() == '{"version": "old"}'
+    assert [p.name for p in small_disk.iterdir()] == ["current.json"]

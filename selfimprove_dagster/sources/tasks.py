@@ -117,6 +117,9 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "addition_2digit": addition_2digit,
     "word_problems": word_problems,
 }
+# Distinct problems (by `problem_key`) each built-in task can give: 90 x 90 sums; 49 x 49
+# sums plus 49 x 50 / 2 differences (a >= b) for the word problems.
+TASK_SIZES = {"addition_2digit": 90 * 90, "word_problems": 49 * 49 + 49 * 50 // 2}
 
 
 # --- task families: difficulty is a parameter of the generator ---------------------
@@ -185,6 +188,16 @@ def task_generator(
     return TASKS[name]
 
 
+def task_size(name: str, difficulty: int | None = None) -> int | None:
+    """How many distinct problems the built-in task `name` (or band `difficulty` of the
+    task family `name`) can give; None when not known."""
+    generator = task_generator(name, difficulty)
+    if isinstance(generator, partial) and generator.func is addition:
+        digits, operands = generator.keywords["digits"], generator.keywords["operands"]
+        return (10 if digits == 1 else 9 * 10 ** (digits - 1)) ** operands
+    return TASK_SIZES.get(name)
+
+
 def draw_problems(
     generator: Callable[[random.Random], tuple[str, str]],
     n: int,
@@ -216,6 +229,7 @@ def make_task(
     generator = task_generator(name, difficulty)
     _check_count("n_train", n_train)
     _check_count("n_eval", n_eval)
+    _check_task_size(name, difficulty, n_train, n_eval)
     rng = random.Random(seed)
     wanted, max_draws = n_train + n_eval, DRAWS_PER_PROBLEM * (n_train + n_eval) + MIN_DRAWS
     problems: dict[object, tuple[str, str]] = {}  # problem key -> (prompt, answer)
@@ -233,6 +247,26 @@ def make_task(
     drawn = [_simple(p, a) for p, a in problems.values()]
     eval_, train = drawn[:n_eval], drawn[n_eval:]
     return _problem_table(train, eval_, task=name)
+
+
+def _check_task_size(name: str, difficulty: int | None, n_train: int, n_eval: int) -> None:
+    """Asking for more problems than a task has fails at once (drawing until the draw
+    budget runs out takes minutes for a count like 100,000,000)."""
+    size = task_size(name, difficulty)
+    if size is None or n_train + n_eval <= size:
+        return
+    band = "" if difficulty is None else f" (difficulty {difficulty})"
+    fix = (
+        f"lower n_train to at most {size - n_eval:,} with n_eval={n_eval:,}"
+        if n_eval < size
+        else f"lower n_eval below {size:,} and n_train with it"
+    )
+    raise SelfImproveError(
+        f"task {name!r}{band} has {size:,} distinct problems; n_train={n_train:,} + "
+        f"n_eval={n_eval:,} asks for {n_train + n_eval:,}",
+        f"ask for fewer problems (smaller n_train / n_eval): {fix}; or load a dataset file "
+        "(dataset_path) for more",
+    )
 
 
 # --- dataset files -----------------------------------------------------------------
@@ -303,6 +337,7 @@ def load_dataset_file(
         (n_train, n_eval),
         task or path.stem,
         (drop_contaminated, contamination_threshold, dropped),
+        found=_held(rows),
     )
 
 
@@ -340,13 +375,15 @@ def load_split_files(
 # --- helpers -------------------------------------------------------------------------
 
 
-def _finish(path, train, eval_, counts, task, contamination):
-    """Dedupe, keep eval out of train, take the counts, drop contaminated train rows."""
+def _finish(path, train, eval_, counts, task, contamination, found: str = ""):
+    """Dedupe, keep eval out of train, take the counts, drop contaminated train rows.
+    `found`: what the file held (rows, distinct prompts), for the message of a count
+    that is too high."""
     (n_train, n_eval), (drop_contaminated, threshold, dropped_out) = counts, contamination
     train, eval_ = _dedupe(train), _dedupe(eval_)
     eval_keys = {normalize_prompt(r["prompt"]) for r in eval_}
     train = [r for r in train if normalize_prompt(r["prompt"]) not in eval_keys]
-    eval_ = _take(path, "n_eval", "eval", eval_, n_eval)
+    eval_ = _take(path, "n_eval", "eval", eval_, n_eval, found)
     if drop_contaminated:
         from selfimprove_dagster.quality.gates import contamination_matches
 
@@ -366,7 +403,7 @@ def _finish(path, train, eval_, counts, task, contamination):
                 for text, (e, kind, ratio) in matches.items()
             )
         train = [r for r in train if r["prompt"] not in matches]
-    train = _take(path, "n_train", "train", train, n_train)
+    train = _take(path, "n_train", "train", train, n_train, found)
     return _problem_table(train, eval_, task=task)
 
 
@@ -521,12 +558,29 @@ def _dedupe(rows: list[dict]) -> list[dict]:
     return list(seen.values())
 
 
-def _take(path: Path, knob: str, split: str, rows: list[dict], n: int | None) -> list[dict]:
+def _held(rows: list[dict]) -> str:
+    distinct = len(_dedupe(rows))
+    return f"{len(rows)} rows, {distinct} distinct prompt{'' if distinct == 1 else 's'}"
+
+
+def _take(
+    path: Path, knob: str, split: str, rows: list[dict], n: int | None, found: str = ""
+) -> list[dict]:
     if n is None:
         return rows
+    held = f" ({found})" if found else ""
+    if n > len(rows) and not rows:
+        # "lower n_eval to at most 0" would leave a round with nothing to score or train on.
+        raise SelfImproveError(
+            f"{knob}={n} but {path} leaves no distinct {split} problems{held}: a row whose "
+            "prompt repeats an earlier one is dropped, and a prompt in both splits stays in "
+            "eval only",
+            f"add rows with prompts of their own (the {split} split needs at least one), or "
+            "give the file a `split` column",
+        )
     if n > len(rows):
         raise SelfImproveError(
-            f"{knob}={n} but {path} has only {len(rows)} distinct {split} problems",
+            f"{knob}={n} but {path} has only {len(rows)} distinct {split} problems{held}",
             f"lower {knob} to at most {len(rows)}, or pass None to use them all",
         )
     return rows[:n]

@@ -6,27 +6,33 @@ Layout under the data dir (default `./var`):
     rounds/<round>/<step>/current.json                the current version of that step
     checkpoints/<round> -> <round>@<version>/         LoRA adapter + tokenizer + manifest
     models/                            converted embedded models (keyed by GGUF sha256)
-    catalog.duckdb                     views over the current version of every round
+    current/<table>/round=<round>/<table>.parquet -> the current file (relative links)
+    catalog.duckdb                     views over those links (`catalog`)
     dagster_home/                      the persistent Dagster instance (UI + CLI)
 
 A step (one Dagster op) writes all its tables as one version (`STEP_TABLES`): a table
 the step did not write in its latest materialization is not current, even if an
 older version has it. Old versions stay until `RoundStore.collect_garbage`
-(`selfimprove gc`). `versions` does the atomic publishing.
+(`selfimprove gc`). `versions` does the atomic publishing; tables that define
+generation ids (`ID_TABLES`) get an id index beside them, so lineage finds an id's
+round without scanning every round. Nothing under the data dir names its absolute
+path: pointers hold version names, links are relative, and the catalog's views read
+from wherever the data dir is opened (`catalog`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from selfimprove_dagster.errors import SelfImproveError
 from selfimprove_dagster.models import checkpoint_problem, is_checkpoint
-from selfimprove_dagster.store import versions
+from selfimprove_dagster.store import catalog, versions
 from selfimprove_dagster.store.versions import TableVersion
 
 ROUND_PATTERN = re.compile(r"^round_(\d{3,})$")
@@ -43,6 +49,10 @@ STEP_TABLES: dict[str, tuple[str, ...]] = {
 TABLE_STEP = {table: step for step, tables in STEP_TABLES.items() for table in tables}
 # Per-round tables that get a catalog view across rounds.
 CATALOG_TABLES = tuple(TABLE_STEP)
+# Tables whose rows define a generation id (the others carry the id of one of these, in
+# the same round: ids hash their round). Each version of them gets an id index.
+ID_COLUMN = "generation_id"
+ID_TABLES = ("generations", "refinements", "rollouts")
 
 
 def step_of(table: str) -> str:
@@ -79,6 +89,9 @@ class RoundStore:
     """Paths, versioned publishing and reads of round artifacts under `data_dir`."""
 
     data_dir: Path
+    # Checkpoint-chain verdicts by published version folder (`chain_problem`): each
+    # link of a chain is verified once per store, however many rounds build on it.
+    _chains: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def models_dir(self) -> Path:
@@ -130,7 +143,27 @@ class RoundStore:
         unknown = set(frames) - set(STEP_TABLES.get(step, (step,)))
         if unknown:
             raise ValueError(f"step `{step}` does not write tables {sorted(unknown)}")
-        return versions.publish_tables(self._step_dir(round_, step), frames, run_id)
+        published = versions.publish_tables(
+            self._step_dir(round_, step),
+            frames,
+            run_id,
+            index_columns={table: ID_COLUMN for table in ID_TABLES},
+        )
+        self._link_step(round_, step, published)
+        return published
+
+    def _link_step(self, round_: str, step: str, current: TableVersion | None) -> None:
+        """Point the catalog's links of `step`'s tables for `round_` at `current` (a
+        table it does not hold: at the legacy file, or no link)."""
+        for table in dict.fromkeys(
+            (*STEP_TABLES.get(step, (step,)), *(current.tables if current else ()))
+        ):
+            if current is not None:
+                target = current.path(table) if table in current.tables else None
+            else:
+                legacy = self._legacy_path(round_, table)
+                target = legacy if legacy.is_file() else None
+            catalog.link_table(self.data_dir, table, round_, target)
 
     def write(self, round_: str, table: str, frame: pl.DataFrame) -> Path:
         """Replace one table: a new version of its step holding `frame` and the step's
@@ -152,9 +185,60 @@ class RoundStore:
         legacy = self._legacy_path(round_, table)
         return legacy if legacy.is_file() else None
 
+    def row_count(self, round_: str, table: str) -> int | None:
+        """Rows of `table`'s current version, from its step's pointer (no table read;
+        None: not current)."""
+        current = self.current(round_, step_of(table))
+        if current is not None:
+            return current.row_counts.get(table) if table in current.tables else None
+        path = self.table_path(round_, table)
+        return None if path is None else pl.scan_parquet(path).select(pl.len()).collect().item()
+
+    def first_value(self, round_: str, table: str, column: str):
+        """`column` of the first row of `table` (one column of one row group read; None:
+        no such table, column or row)."""
+        path = self.table_path(round_, table)
+        if path is None:
+            return None
+        scan = pl.scan_parquet(path)
+        if column not in scan.collect_schema().names():
+            return None
+        first = scan.select(column).head(1).collect()
+        return first.item() if first.height else None
+
     def table_uri(self, round_: str, table: str) -> str | None:
         path = self.table_path(round_, table)
         return str(path.resolve()) if path else None
+
+    def index_path(self, round_: str, table: str) -> Path | None:
+        """The id index of `table`'s current version for `round_` (None: none, e.g. a
+        version published before indexes, or a table without ids)."""
+        current = self.current(round_, step_of(table))
+        if current is None or table not in current.tables:
+            return None
+        return current.index_path(table)
+
+    def rounds_holding(self, table: str, generation_id: str) -> list[str]:
+        """Rounds whose current `table` may hold `generation_id`, in order: the id
+        indexes say "maybe" (a false maybe for about one id in 4,000 per million rows),
+        and a round without an index is always a candidate. A few bytes per round."""
+        found = []
+        for round_ in self.round_keys():
+            current = self.current(round_, step_of(table))
+            if current is None:
+                if self._legacy_path(round_, table).is_file():
+                    found.append(round_)
+                continue
+            if table not in current.tables:
+                continue
+            index = current.index_path(table)
+            if (
+                index is None
+                or not index.is_file()
+                or versions.index_may_hold(index, generation_id)
+            ):
+                found.append(round_)
+        return found
 
     def read(self, round_: str, table: str) -> pl.DataFrame:
         path = self.table_path(round_, table)
@@ -183,13 +267,29 @@ class RoundStore:
             return None
         return current.table_hashes[table]
 
+    @classmethod
+    def at(cls, data_dir: str | Path) -> RoundStore:
+        """The round store of a data dir given as a setting (relative: to the working dir)."""
+        return cls(Path(data_dir).expanduser().resolve())
+
     def write_promoted(self, frame: pl.DataFrame) -> Path:
         """The promoted-policy record (one row), replaced atomically."""
-        self.promoted_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.promoted_path.with_name(versions.temp_name(self.promoted_path.name))
+        return self._replace_file(self.promoted_path, frame)
+
+    @property
+    def experiments_path(self) -> Path:
+        return self.data_dir / "experiments.parquet"
+
+    def write_experiments(self, frame: pl.DataFrame) -> Path:
+        """Every loop's rounds side by side (the `experiments` asset), replaced atomically."""
+        return self._replace_file(self.experiments_path, frame)
+
+    def _replace_file(self, path: Path, frame: pl.DataFrame) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(versions.temp_name(path.name))
         frame.write_parquet(tmp)
-        os.replace(tmp, self.promoted_path)
-        return self.promoted_path
+        os.replace(tmp, path)
+        return path
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -225,7 +325,7 @@ class RoundStore:
         base model unchanged since it was trained on); otherwise a one-line reason."""
         if not self.has_checkpoint(round_):
             return f"{round_} has no checkpoint"
-        return checkpoint_problem(self.checkpoint_dir(round_), self.models_dir)
+        return checkpoint_problem(self.checkpoint_dir(round_), self.models_dir, self._chains)
 
     def policy_for(self, round_: str, base_model: str) -> tuple[str, str | None]:
         """The model that generates in `round_`: round N−1's checkpoint, or the base model.
@@ -264,13 +364,11 @@ class RoundStore:
             return []
         return sorted(p.name for p in self.rounds_dir.iterdir() if ROUND_PATTERN.match(p.name))
 
-    def completed_rounds(self) -> list[str]:
-        """Rounds whose last asset (`eval_scores`) is current, in order."""
-        return [k for k in self.round_keys() if self.has(k, "eval_scores")]
-
-    def history(self) -> pl.DataFrame:
-        """All completed rounds' `eval_scores` rows, in round order."""
-        frames = [self.read(key, "eval_scores") for key in self.completed_rounds()]
+    def eval_history(self, rounds: Iterable[str]) -> pl.DataFrame:
+        """The `eval_scores` rows of `rounds`, in round order. Which rounds are done is
+        Dagster's record (`evolution.RoundState.done`), never a file's existence: pass
+        the done rounds."""
+        frames = [self.read(key, "eval_scores") for key in sorted(set(rounds), key=round_index)]
         return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
     # --- garbage collection --------------------------------------------------------------
@@ -278,8 +376,9 @@ class RoundStore:
     def collect_garbage(self, dry_run: bool = False) -> list[Path]:
         """Delete what no reader can see: non-current table versions, non-current
         checkpoint versions, legacy per-round files of steps that have versions, and
-        temporary folders whose writer is gone. Returns the paths (deleted, or with
-        `dry_run`, that would be). The catalog is refreshed afterwards."""
+        temporary folders (and catalog links) whose writer is gone. Returns the paths
+        (deleted, or with `dry_run`, that would be). The catalog's links are resynced
+        first and its views refreshed afterwards."""
         stale: list[Path] = []
         for round_ in self.round_keys():
             round_dir = self.rounds_dir / round_
@@ -289,7 +388,9 @@ class RoundStore:
                 if self.current(round_, step_of(legacy.stem)) is not None:
                     stale.append(legacy)
         stale += versions.stale_dir_versions(self.checkpoints_dir)
+        stale += catalog.abandoned_links(self.data_dir)
         if not dry_run:
+            self.sync_catalog()  # no link may name a version about to go
             versions.remove(stale)
             self.refresh_catalog()
         return stale
@@ -301,35 +402,41 @@ class RoundStore:
         paths = (self.table_path(round_, table) for round_ in self.round_keys())
         return [p.resolve() for p in paths if p is not None and p.is_file()]
 
-    def refresh_catalog(self) -> str:
-        """(Re)create one DuckDB view per table over the current version of every round.
+    def sync_catalog(self) -> None:
+        """Resync every catalog link with the rounds' pointers (the repair path: a kill
+        between a pointer swap and its link swaps, a round folder deleted by hand, a
+        data dir from before the links). Reads every round's pointers."""
+        rounds = set(self.round_keys())
+        for table in CATALOG_TABLES:
+            for round_ in catalog.linked_rounds(self.data_dir, table).keys() - rounds:
+                catalog.link_table(self.data_dir, table, round_, None)
+        for round_ in sorted(rounds):
+            for step in STEP_TABLES:
+                self._link_step(round_, step, self.current(round_, step))
 
-        Views list their files explicitly, so they never see an old or half-written
-        version; every publish refreshes them (`_save` in the round assets). A catalog
-        locked by another process (someone querying it) is left as is: the rounds'
-        current versions are the source of truth, and the next refresh catches up.
+    def refresh_catalog(self, rebuild: bool = False) -> str:
+        """Make the catalog's views match its links: one DuckDB view per table, over the
+        current version of every round (see `catalog`).
+
+        Each publish keeps the links current itself, so this only creates the view of a
+        table seen for the first time: its cost does not grow with the rounds. A
+        catalog from another layout or another place (a copied or moved data dir), or
+        `rebuild`, resyncs every link first and rebuilds every view. A catalog locked by
+        another process (someone writing to it) is left as is: the rounds' current
+        versions are the source of truth, and the next refresh catches up.
         """
         import duckdb
 
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            con = duckdb.connect(str(self.catalog_path))
+            views = catalog.existing_views(self.data_dir)
         except duckdb.IOException as error:
             return f"catalog not refreshed (in use by another process: {error})"
-        with con:
-            for table in CATALOG_TABLES:
-                files = self.current_files(table)
-                if files:
-                    listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
-                    con.execute(
-                        f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM "
-                        f"read_parquet([{listed}], union_by_name = true)"
-                    )
-                else:
-                    con.execute(f"DROP VIEW IF EXISTS {table}")
-            if self.promoted_path.is_file():
-                con.execute(
-                    "CREATE OR REPLACE VIEW promoted_policy AS SELECT * FROM "
-                    f"read_parquet('{self.promoted_path.resolve()}')"
-                )
-        return f"catalog refreshed: {self.catalog_path}"
+        if rebuild or not catalog.is_current(self.data_dir, views):
+            self.sync_catalog()
+            rebuild = True
+        return catalog.refresh(self.data_dir, CATALOG_TABLES, rebuild=rebuild)
+
+    def connect_catalog(self, memory_limit: str = catalog.DEFAULT_MEMORY_LIMIT):
+        """A read-only DuckDB connection to the catalog, reading this data dir's files
+        with bounded memory (`catalog.connect`)."""
+        return catalog.connect(self.data_dir, memory_limit)

@@ -14,6 +14,14 @@ Two flavours of "current":
                   (a symlink, replaced with os.replace; model references keep the
                   stable path <parent>/<name>)
 
+A table version can carry an *id index* beside a table (`<table>.ids`: the sorted
+32-bit keys of one id column, `id_key`), so a reader finds which versions may hold an
+id by probing a few bytes of each (`index_may_hold`) instead of scanning the tables.
+
+A write that runs out of disk space (`ENOSPC`, a quota) removes its temporary files
+and raises one `SelfImproveError` naming the path, the space it needed, the space free
+and the fix (`errors.disk_full_error`); the previous version stays current.
+
 Old versions stay on disk until `collect_garbage` (the `selfimprove gc` command)
 removes them. Nothing here knows about rounds; `storage.RoundStore` names the folders.
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -32,10 +41,11 @@ from pathlib import Path
 
 import polars as pl
 
-from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.errors import SelfImproveError, disk_full_error, is_disk_full
 
 POINTER = "current.json"
 TMP_PREFIX = ".tmp-"
+INDEX_SUFFIX = ".ids"  # <table>.ids: sorted little-endian uint32 keys of one id column
 # Temporary folders of another host (or whose process we cannot see) are only
 # collected once they are this old.
 FOREIGN_TMP_MAX_AGE_S = 24 * 3600
@@ -63,14 +73,94 @@ def _hash_file(path: Path) -> str:
 
 
 def replace_file_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a unique temporary sibling, flush it, then rename over `path`."""
+    """Write `data` to a unique temporary sibling, flush it, then rename over `path`
+    (out of disk space: the temporary file is removed and `path` is unchanged)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(temp_name(path.name))
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full_error(path.name, path.parent, len(data)) from None
+        raise
+
+
+def replace_link_atomic(link: Path, target: str) -> None:
+    """Point the symlink `link` at `target` (a path relative to the link's folder, so
+    the tree can move) with one rename: readers see the old target or the new one."""
+    tmp = link.with_name(temp_name(link.name))
+    for attempt in range(3):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.symlink(target, tmp)
+            break
+        except FileNotFoundError:  # another writer removed the emptied folder meanwhile
+            if attempt == 2:
+                raise
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- id indexes ------------------------------------------------------------------------
+
+_HEX_KEY = re.compile(r"^[0-9a-fA-F]{8}")
+
+
+def id_key(value: str) -> int:
+    """The 32-bit index key of an id: its first 8 hex digits (ids are hashes), or, for
+    an id that does not start with 8 hex digits, the first 32 bits of its sha256."""
+    if _HEX_KEY.match(value):
+        return int(value[:8], 16)
+    return int(hashlib.sha256(value.encode("utf-8")).hexdigest()[:8], 16)
+
+
+def id_keys(ids: pl.Series):
+    """`id_key` of every non-null id, sorted (a numpy uint32 array); vectorized for the
+    usual hex ids, per value for the others."""
+    import numpy as np
+
+    ids = ids.drop_nulls().cast(pl.String)
+    hex_ids = ids.str.contains(_HEX_KEY.pattern)
+    keys = ids.filter(hex_ids).str.slice(0, 8).str.to_integer(base=16).cast(pl.UInt32)
+    others = [id_key(v) for v in ids.filter(~hex_ids).to_list()]
+    array = np.concatenate([keys.to_numpy(), np.asarray(others, dtype=np.uint32)])
+    return np.sort(array.astype("<u4"), kind="stable")
+
+
+def write_id_index(path: Path, ids: pl.Series) -> None:
+    """Write the sorted keys of `ids` to `path` (4 bytes an id)."""
+    id_keys(ids).tofile(path)
+
+
+def index_may_hold(path: Path, value: str) -> bool:
+    """Whether the id index at `path` may hold `value` (a 32-bit key match: an index
+    of a million ids gives a false "maybe" for one value in about 4,000, never a false
+    "no"). A binary search over the memory-mapped file: about 20 reads of 4 bytes."""
+    import mmap
+    import struct
+
+    key = id_key(value)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size // 4
+        if size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as keys:
+            low, high = 0, size
+            while low < high:  # the first position whose key is >= `key`
+                middle = (low + high) // 2
+                if struct.unpack_from("<I", keys, 4 * middle)[0] < key:
+                    low = middle + 1
+                else:
+                    high = middle
+            return low < size and struct.unpack_from("<I", keys, 4 * low)[0] == key
 
 
 @dataclass(frozen=True)
@@ -85,9 +175,15 @@ class TableVersion:
     data_version: str = ""  # sha256 over the set's table hashes: the Dagster data version
     run_id: str | None = None
     created_at: str = ""
+    # table -> its id index file (derived from the table: not part of the data version)
+    indexes: dict[str, str] = field(default_factory=dict)
 
     def path(self, table: str) -> Path:
         return self.folder / self.tables[table]
+
+    def index_path(self, table: str) -> Path | None:
+        """The id index of `table` in this version (None: not indexed)."""
+        return self.folder / self.indexes[table] if table in self.indexes else None
 
     def to_json(self) -> dict:
         return {
@@ -98,6 +194,7 @@ class TableVersion:
             "data_version": self.data_version,
             "run_id": self.run_id,
             "created_at": self.created_at,
+            "indexes": self.indexes,
         }
 
 
@@ -108,28 +205,47 @@ def set_hash(table_hashes: dict[str, str]) -> str:
 
 
 def publish_tables(
-    directory: Path, frames: dict[str, pl.DataFrame], run_id: str | None = None
+    directory: Path,
+    frames: dict[str, pl.DataFrame],
+    run_id: str | None = None,
+    index_columns: dict[str, str] | None = None,
 ) -> TableVersion:
     """Write `frames` as one new version under `directory` and make it current.
 
     Order: write every file into a temporary folder, rename the folder to its version
     id, then replace the pointer. A kill before the last step leaves the previous
-    version current (the folders it left are collected by `collect_garbage`).
+    version current (the folders it left are collected by `collect_garbage`); running
+    out of disk space removes the temporary folder and raises one line
+    (`disk_full_error`). `index_columns` ({table: id column}) adds an id index beside
+    each of those tables that has the column.
     """
     if not frames:
         raise ValueError("publish_tables needs at least one table")
     directory.mkdir(parents=True, exist_ok=True)
     version = new_version_id(run_id)
     staging = directory / temp_name(version)
-    staging.mkdir()
-    tables, counts, hashes = {}, {}, {}
-    for table, frame in frames.items():
-        name = f"{table}.parquet"
-        frame.write_parquet(staging / name)
-        tables[table], counts[table] = name, frame.height
-        hashes[table] = _hash_file(staging / name)
-    folder = directory / version
-    os.rename(staging, folder)
+    tables, counts, hashes, indexes = {}, {}, {}, {}
+    try:
+        staging.mkdir()
+        for table, frame in frames.items():
+            name = f"{table}.parquet"
+            frame.write_parquet(staging / name)
+            tables[table], counts[table] = name, frame.height
+            hashes[table] = _hash_file(staging / name)
+            column = (index_columns or {}).get(table)
+            if column and column in frame.columns:
+                indexes[table] = f"{table}{INDEX_SUFFIX}"
+                write_id_index(staging / indexes[table], frame[column])
+        folder = directory / version
+        os.rename(staging, folder)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error):
+            # An upper bound: the frames' size in memory (their Parquet files are smaller).
+            needed = sum(frame.estimated_size() for frame in frames.values())
+            what = f"a new version of {', '.join(frames)} (the previous one stays current)"
+            raise disk_full_error(what, directory, needed) from None
+        raise
     published = TableVersion(
         version=version,
         folder=folder,
@@ -139,8 +255,14 @@ def publish_tables(
         data_version=set_hash(hashes),
         run_id=run_id,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        indexes=indexes,
     )
-    replace_file_atomic(directory / POINTER, json.dumps(published.to_json(), indent=1).encode())
+    try:
+        pointer = json.dumps(published.to_json(), indent=1).encode()
+        replace_file_atomic(directory / POINTER, pointer)
+    except SelfImproveError:
+        shutil.rmtree(folder, ignore_errors=True)  # never current: nobody reads it
+        raise
     return published
 
 
@@ -160,6 +282,7 @@ def current_tables(directory: Path) -> TableVersion | None:
             data_version=data.get("data_version", ""),
             run_id=data.get("run_id"),
             created_at=data.get("created_at", ""),
+            indexes=dict(data.get("indexes", {})),
         )
     except (ValueError, KeyError, TypeError) as error:
         raise SelfImproveError(
@@ -221,6 +344,15 @@ def _tmp_is_abandoned(path: Path) -> bool:
             return False
         return False
     return time.time() - path.lstat().st_mtime > FOREIGN_TMP_MAX_AGE_S
+
+
+def abandoned_temps(folder: Path) -> list[Path]:
+    """Temporary entries directly under `folder` whose writer is gone."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX) and _tmp_is_abandoned(p)
+    )
 
 
 def stale_table_versions(directory: Path) -> list[Path]:
