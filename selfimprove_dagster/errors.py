@@ -15,6 +15,11 @@ class SelfImproveError(RuntimeError):
         self.fix = fix
         super().__init__(f"{self.problem}. Fix: {fix}")
 
+    def __reduce__(self):
+        # Rebuilt from (problem, fix), so it crosses process boundaries (Ray workers,
+        # multiprocessing) as itself.
+        return (type(self), (self.problem, self.fix))
+
 
 def is_disk_full(error: BaseException) -> bool:
     """Whether `error` (or what caused it) is "No space left on device": OSError 28, or a

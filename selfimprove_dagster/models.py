@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from selfimprove_dagster.errors import SelfImproveError
+from selfimprove_dagster.errors import SelfImproveError, disk_full_error, is_disk_full
 from selfimprove_dagster.ids import file_sha256
 
 EMBEDDED_PREFIX = "embedded:"
@@ -336,8 +336,16 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
         str(gguf.parent), gguf_file=gguf.name, quantization_config=quantization
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)  # carries the ChatML chat template
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)  # carries the ChatML chat template
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        if is_disk_full(error):
+            needed = sum(p.numel() * 4 for p in model.parameters())  # fp32 weights
+            raise disk_full_error("the converted model", folder.parent, needed) from error
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 

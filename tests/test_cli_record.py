@@ -174,3 +174,38 @@ def test_every_model_loading_step_is_in_the_model_pool():
     loading = ["prompts", "generations", "critiques", "checkpoint", "eval_scores"]
     assert {name: pools[name] for name in loading} == dict.fromkeys(loading, MODEL_POOL)
     assert pools["filtered"] is None  # Parquet only: never waits for a model
+
+
+def test_status_reads_summaries_with_the_answers_of_the_full_tables(tmp_path):
+    """`status` reads the pointers' row counts and one generation's temperature, never
+    the whole tables: on a small data dir it gives what reading them gives."""
+    from selfimprove_dagster.evolution import RoundState
+    from selfimprove_dagster.store.storage import RoundStore
+
+    store = StubStore(tmp_path / "summary")
+    for index, (kept, temperature) in enumerate([(3, 0.6), (5, 1.0)]):
+        key = f"round_00{index}"
+        generations = pl.DataFrame(
+            {"generation_id": [f"g{index}{i}" for i in range(8)], "temperature": [temperature] * 8}
+        )
+        store.publish(key, "generations", {"generations": generations})
+        filtered = pl.DataFrame({"generation_id": [f"g{index}{i}" for i in range(kept)]})
+        store.publish(key, "filtered", {"filtered": filtered})
+        row = {"round": key, "policy": "base", "accuracy_before": 0.1, "accuracy_after": 0.2,
+               "pass_at_k": 0.3, "k": 4}  # fmt: skip
+        store.publish(key, "eval_scores", {"eval_scores": pl.DataFrame([row])})
+
+    class Record:  # what Dagster recorded: both rounds done
+        def rounds(self):
+            return ["round_000", "round_001"]
+
+        def round(self, key):
+            return RoundState(key, materialized=True)
+
+    handle = cli.LoopHandle(None, LOOP, {}, store)
+    rows = cli.status_rows(handle, Record())
+    full = RoundStore(store.data_dir)  # the full-table answers
+    for row in rows:
+        assert row["kept"] == full.read(row["round"], "filtered").height
+        assert row["temperature"] == full.read(row["round"], "generations")["temperature"][0]
+    assert [r["kept"] for r in rows] == [3, 5]

@@ -7,6 +7,7 @@ Prompts are user messages: the engine applies the model's chat template.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -70,6 +71,15 @@ def chat_text(tokenizer, prompt: str) -> str:
     """`prompt` as a user message in the model's chat template, ready for the reply."""
     messages = [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def sample_seed(seed: int, prompt: str, sample_index: int) -> int:
+    """The seed of one sample: (sampling seed, prompt text, sample index) hashed to 63
+    bits. Seeding per sample rather than per call keeps a sample the same whatever else
+    is in the call or the batch and whichever worker makes it (engines.ray_pool); two
+    equal prompts in one call get the same k samples."""
+    key = f"{seed}\x1f{sample_index}\x1f{prompt}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 def generation_stats(completions: list[Completion], seconds: float) -> dict[str, float]:

@@ -86,7 +86,9 @@ def critique_by_likelihood(
         raise SelfImproveError(
             "self_verify scores samples with the policy's own log-probabilities, which "
             "this generation engine does not expose",
-            "use the transformers engine (SELFIMPROVE_ENGINE=transformers) for self_verify",
+            "use the transformers engine in the step's own process for self_verify "
+            "(generator.engine=transformers, generator.pool=local; SELFIMPROVE_ENGINE / "
+            "SELFIMPROVE_POOL for the demo loop)",
         )
     ordered = generations.sort("prompt_id", "sample_index")
     chat = {p: engine.chat_text(p) for p in ordered["prompt"].unique().to_list()}
